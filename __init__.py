@@ -1,0 +1,16 @@
+"""onestep-sr: one-step diffusion super-resolution.
+
+This folder is both the importable package `onestep_sr` (library: see `pipelines/`) and a
+ComfyUI custom-node pack (nodes are registered only when ComfyUI is present).
+"""
+
+from .pipelines import (
+    CheckpointError,
+    ImageInputError,
+    OneStepSRPipeline,
+    PromptEmbedding,
+    load_pipeline,
+)
+
+__all__ = ["CheckpointError", "ImageInputError", "OneStepSRPipeline", "PromptEmbedding", "load_pipeline"]
+__version__ = "0.1.0"

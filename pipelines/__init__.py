@@ -1,0 +1,22 @@
+"""Library side of onestep-sr: diffusers pipelines and everything they need (never imports ComfyUI)."""
+
+from .checkpoints import CheckpointError, detect_format, read_weights
+from .color_fix import adain_color_fix, apply_color_fix, wavelet_color_fix
+from .images import ImageInputError
+from .loading import load_pipeline, resolve_dtype
+from .pipeline_onestep_sr import OneStepSRPipeline
+from .prompt_embedding import PromptEmbedding
+
+__all__ = [
+    "CheckpointError",
+    "ImageInputError",
+    "OneStepSRPipeline",
+    "PromptEmbedding",
+    "adain_color_fix",
+    "apply_color_fix",
+    "detect_format",
+    "load_pipeline",
+    "read_weights",
+    "resolve_dtype",
+    "wavelet_color_fix",
+]

@@ -1,0 +1,138 @@
+"""Reading SR weight files safely and telling which method they belong to.
+
+Each supported format has one small detector that looks only at the keys (spandrel style);
+`read_weights` never unpickles code: pickles go through `torch.load(weights_only=True)`.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+PICKLE_SUFFIXES = (".pkl", ".pth", ".pt", ".ckpt", ".bin")
+SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
+
+
+class CheckpointError(ValueError):
+    """A weight file that is missing, unreadable, of an unknown format, or does not fit the base model."""
+
+
+def read_weights(path: str | os.PathLike) -> dict[str, Any]:
+    """Load a weight file into a dict without executing code from it."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"weight file not found: {path}")
+    suffix = path.suffix.lower()
+    if suffix in SAFETENSORS_SUFFIXES:
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return dict(load_file(str(path)))
+        except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+            raise CheckpointError(f"{path}: not a readable safetensors file (truncated or corrupted?): {err}") from err
+    if suffix in PICKLE_SUFFIXES:
+        try:
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as err:
+            raise CheckpointError(
+                f"{path}: refused to load: the pickle contains more than tensors and plain containers, and "
+                f"unpickling arbitrary objects could run code. Convert it to safetensors from a trusted source. ({err})"
+            ) from err
+        except (EOFError, RuntimeError, zipfile.BadZipFile, OSError, ValueError) as err:
+            raise CheckpointError(f"{path}: could not be read (truncated or corrupted?): {err}") from err
+        if not isinstance(state, dict):
+            raise CheckpointError(f"{path}: expected a dict of weights, found a {type(state).__name__}")
+        return state
+    raise CheckpointError(
+        f"{path}: unknown file type {suffix!r}; expected one of {SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES}"
+    )
+
+
+# ---------------------------------------------------------------------------- detectors
+
+
+def _is_osediff(state: dict[str, Any]) -> bool:
+    return {"state_dict_unet", "state_dict_vae", "rank_unet", "rank_vae"} <= state.keys()
+
+
+FORMAT_DETECTORS: dict[str, Callable[[dict[str, Any]], bool]] = {
+    "osediff": _is_osediff,
+}
+
+
+def detect_format(state: dict[str, Any], path: str | os.PathLike = "<weights>") -> str:
+    for name, detector in FORMAT_DETECTORS.items():
+        if detector(state):
+            return name
+    keys = ", ".join(list(map(str, state.keys()))[:8])
+    raise CheckpointError(
+        f"{path}: unknown SR weight format (first keys: {keys}). Supported: "
+        "OSEDiff `osediff.pkl` (keys state_dict_unet, state_dict_vae, rank_unet, rank_vae)."
+    )
+
+
+# ---------------------------------------------------------------------------- OSEDiff
+
+# peft's default lora_alpha, which OSEDiff never overrides: every delta is (8 / rank) * B @ A.
+OSEDIFF_LORA_ALPHA = 8
+
+
+@dataclass
+class LoRAWeights:
+    """LoRA factors per module name: A is (r, in[, kh, kw]), B is (out, r[, 1, 1]); delta = scale * B @ A."""
+
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    rank: int
+    alpha: float
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+
+@dataclass
+class OSEDiffWeights:
+    unet_lora: LoRAWeights
+    vae_lora: LoRAWeights
+    unet_replacements: dict[str, torch.Tensor] = field(default_factory=dict)  # e.g. conv_in.weight
+
+
+def parse_osediff(state: dict[str, Any], path: str | os.PathLike = "<weights>") -> OSEDiffWeights:
+    try:
+        rank_unet, rank_vae = int(state["rank_unet"]), int(state["rank_vae"])
+        unet_sd, vae_sd = state["state_dict_unet"], state["state_dict_vae"]
+    except (KeyError, TypeError, ValueError) as err:
+        raise CheckpointError(f"{path}: malformed OSEDiff checkpoint: {err}") from err
+    replacements = {}
+    for key, value in unet_sd.items():
+        if ".base_layer." in key:  # a fully retrained base layer (conv_in in OSEDiff)
+            replacements[key.replace(".base_layer.", ".")] = value
+    return OSEDiffWeights(
+        unet_lora=LoRAWeights(_collect_lora_factors(unet_sd, path), rank_unet, OSEDIFF_LORA_ALPHA),
+        vae_lora=LoRAWeights(_collect_lora_factors(vae_sd, path), rank_vae, OSEDIFF_LORA_ALPHA),
+        unet_replacements=replacements,
+    )
+
+
+def _collect_lora_factors(sd: dict[str, torch.Tensor], path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Group peft keys `<module>.lora_A.<adapter>.weight` by module; adapters are merged (disjoint targets)."""
+    a_parts: dict[str, torch.Tensor] = {}
+    b_parts: dict[str, torch.Tensor] = {}
+    for key, value in sd.items():
+        for marker, parts in ((".lora_A.", a_parts), (".lora_B.", b_parts)):
+            if marker in key:
+                module = key.split(marker)[0]
+                if module in parts:
+                    raise CheckpointError(f"{path}: module {module} has LoRA weights in more than one adapter")
+                parts[module] = value
+    if a_parts.keys() != b_parts.keys():
+        missing = sorted(a_parts.keys() ^ b_parts.keys())[:5]
+        raise CheckpointError(f"{path}: LoRA A/B factors do not pair up (e.g. {missing}); the file looks truncated")
+    return {m: (a_parts[m], b_parts[m]) for m in a_parts}

@@ -1,0 +1,81 @@
+"""Putting LoRA factors into a model: validated first, then fused into the weights or injected with peft."""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import nn
+
+from .checkpoints import CheckpointError, LoRAWeights
+
+
+def apply_lora(model: nn.Module, lora: LoRAWeights, *, fuse: bool, adapter_name: str, source: str) -> None:
+    """Add `lora` to `model`.
+
+    fuse=True:  W <- W + scale * B @ A in place (plain modules afterwards: fast, saveable).
+    fuse=False: peft LoRA layers with lora_alpha/r equal to the file's scale (unfusable, inspectable).
+    """
+    if not lora.factors:
+        return
+    modules = dict(model.named_modules())
+    for name, (a, b) in lora.factors.items():
+        _check_factors(modules.get(name), name, a, b, lora.rank, source)
+    if fuse:
+        for name, (a, b) in lora.factors.items():
+            fuse_lora_delta(modules[name], a, b, lora.scale)
+        return
+    from peft import LoraConfig
+
+    targets = "^(" + "|".join(re.escape(n) for n in sorted(lora.factors)) + ")$"
+    model.add_adapter(
+        LoraConfig(r=lora.rank, lora_alpha=lora.alpha, target_modules=targets, init_lora_weights=False),
+        adapter_name=adapter_name,
+    )
+    modules = dict(model.named_modules())
+    with torch.no_grad():
+        for name, (a, b) in lora.factors.items():
+            layer = modules[name]
+            layer.lora_A[adapter_name].weight.copy_(a)
+            layer.lora_B[adapter_name].weight.copy_(b)
+
+
+def fuse_lora_delta(module: nn.Module, a: torch.Tensor, b: torch.Tensor, scale: float) -> None:
+    """W += scale * B @ A, computed in float64; conv A carries the kernel, B is 1x1 (peft convention)."""
+    weight = module.weight
+    delta = (b.double().reshape(b.shape[0], -1) @ a.double().reshape(a.shape[0], -1)).reshape(weight.shape)
+    with torch.no_grad():
+        weight.copy_((weight.double() + scale * delta.to(weight.device)).to(weight.dtype))
+
+
+def replace_weights(model: nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:
+    """Overwrite parameters by name (e.g. OSEDiff's fully retrained `conv_in`), shapes checked."""
+    params = dict(model.named_parameters())
+    for name, value in tensors.items():
+        if name not in params:
+            raise CheckpointError(f"{source}: the base model has no parameter {name}; wrong base model for these weights?")
+        if params[name].shape != value.shape:
+            raise CheckpointError(
+                f"{source}: {name} has shape {tuple(value.shape)} but the base model expects {tuple(params[name].shape)}; "
+                "wrong base model for these weights?"
+            )
+        with torch.no_grad():
+            params[name].copy_(value)
+
+
+def _check_factors(module, name: str, a: torch.Tensor, b: torch.Tensor, rank: int, source: str) -> None:
+    hint = "wrong base model for these weights?"
+    if module is None:
+        raise CheckpointError(f"{source}: LoRA targets module {name!r}, which the base model does not have; {hint}")
+    if not isinstance(module, (nn.Linear, nn.Conv2d)):
+        raise CheckpointError(f"{source}: LoRA target {name!r} is a {type(module).__name__}, not Linear/Conv2d")
+    w = module.weight
+    if isinstance(module, nn.Linear):
+        expected_a, expected_b = (rank, w.shape[1]), (w.shape[0], rank)
+    else:
+        expected_a, expected_b = (rank, *w.shape[1:]), (w.shape[0], rank, 1, 1)
+    if tuple(a.shape) != expected_a or tuple(b.shape) != expected_b:
+        raise CheckpointError(
+            f"{source}: LoRA for {name!r} has A {tuple(a.shape)}, B {tuple(b.shape)}; the base layer "
+            f"{tuple(w.shape)} with rank {rank} needs A {expected_a}, B {expected_b}; {hint}"
+        )

@@ -1,0 +1,43 @@
+"""Shared test helpers: paths to the test data and the OSEDiff parity cases."""
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+DATA = Path(__file__).parent / "data"
+OSEDIFF_PARITY = DATA / "parity" / "osediff"
+
+
+def osediff_cases() -> list[dict]:
+    return json.loads((OSEDIFF_PARITY / "cases.json").read_text())["cases"]
+
+
+class ParityCase:
+    def __init__(self, record: dict):
+        self.record = record
+        self.name = record["name"]
+        self.dir = OSEDIFF_PARITY / record["dir"]
+        self.prompt = record["prompt"]
+        self.seed = record["seed"]
+        self.lq = load_file(self.dir / "input.safetensors")["lq"]  # [-1, 1]
+        self.out = load_file(self.dir / "output_raw.safetensors")["out"]  # [-1, 1]
+        self.colorfix = load_file(self.dir / "colorfix.safetensors")
+        self.intermediates = load_file(self.dir / "intermediates.safetensors")
+
+    @property
+    def official_size_needed_no_flooring(self) -> bool:
+        w, h = self.record["lr_size_wh"]
+        return self.record["model_input_size_wh"] == [w * self.record["upscale"], h * self.record["upscale"]]
+
+    def png(self, name: str) -> Image.Image:
+        return Image.open(self.dir / name)
+
+    def generator(self) -> torch.Generator:
+        return torch.Generator().manual_seed(self.seed)
+
+
+def png_to_tensor(img: Image.Image) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(img, dtype=np.float32) / 255).permute(2, 0, 1)[None]
