@@ -26,6 +26,8 @@ class CheckpointError(ValueError):
 def read_weights(path: str | os.PathLike) -> dict[str, Any]:
     """Load a weight file into a dict without executing code from it."""
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path}: is a folder; expected a weight file such as osediff.pkl")
     if not path.is_file():
         raise CheckpointError(f"weight file not found: {path}")
     suffix = path.suffix.lower()
@@ -39,7 +41,7 @@ def read_weights(path: str | os.PathLike) -> dict[str, Any]:
             raise CheckpointError(f"{path}: not a readable safetensors file (truncated or corrupted?): {err}") from err
     if suffix in PICKLE_SUFFIXES:
         try:
-            state = torch.load(str(path), map_location="cpu", weights_only=True)
+            state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=_is_zip(path))
         except pickle.UnpicklingError as err:
             raise CheckpointError(
                 f"{path}: refused to load: the pickle contains more than tensors and plain containers, and "
@@ -53,6 +55,28 @@ def read_weights(path: str | os.PathLike) -> dict[str, Any]:
     raise CheckpointError(
         f"{path}: unknown file type {suffix!r}; expected one of {SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES}"
     )
+
+
+def read_weight_keys(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
+    """Key -> shape of a (possibly huge) checkpoint, cheaply: safetensors headers only, pickles memory-mapped."""
+    path = Path(path)
+    if path.suffix.lower() in SAFETENSORS_SUFFIXES and path.is_file():
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(path), "pt") as f:
+                return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+            raise CheckpointError(f"{path}: not a readable safetensors file (truncated or corrupted?): {err}") from err
+    state = read_weights(path)
+    if isinstance(state.get("state_dict"), dict):  # LDM .ckpt files nest the weights
+        state = state["state_dict"]
+    return {k: tuple(v.shape) for k, v in state.items() if isinstance(v, torch.Tensor)}
+
+
+def _is_zip(path: Path) -> bool:
+    # memory-mapping needs the zip-based format; legacy pickles are read into memory
+    return zipfile.is_zipfile(path)
 
 
 # ---------------------------------------------------------------------------- detectors

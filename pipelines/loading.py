@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from .checkpoints import CheckpointError, detect_format, parse_osediff, read_weights
+from .checkpoints import CheckpointError, detect_format, parse_osediff, read_weight_keys, read_weights
 from .lora import apply_lora, replace_weights
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -90,16 +90,17 @@ def _load_sd_single_file(path: Path, config: Path) -> dict[str, Any]:
     return {
         "unet": pipe.unet,
         "vae": pipe.vae,
-        "scheduler": DDPMScheduler.from_config(config / "scheduler" / "scheduler_config.json"),
+        # the prediction type comes from our config, not from diffusers' guess for single files
+        "scheduler": DDPMScheduler.from_pretrained(config, subfolder="scheduler", local_files_only=True),
         "text_encoder": pipe.text_encoder,
         "tokenizer": pipe.tokenizer,
     }
 
 
 def _check_single_file_is_sd2(path: Path) -> None:
-    """SD2.x cross-attention keys take 1024-dim (OpenCLIP) context; SD1.x takes 768, SDXL has two encoders."""
+    """SD2.x keeps its OpenCLIP text encoder under cond_stage_model.model.*; SD1.x uses CLIP ViT-L, SDXL a conditioner."""
     key = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
-    state = read_weights(path)
+    state = read_weight_keys(path)
     if key not in state:
         raise CheckpointError(f"{path}: not a Stable Diffusion 1/2 checkpoint (no {key}); OSEDiff needs SD2.1-base")
     if "conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight" in state:
@@ -149,9 +150,17 @@ def load_pipeline(
 
 
 def move_pipeline(pipe, device: torch.device, dtype: torch.dtype):
+    from diffusers.utils import logging as diffusers_logging
+
     pipe.to(device)
-    if dtype != torch.float32:  # weights load as fp32; casting only when needed avoids diffusers' cast warning
-        pipe.to(dtype=dtype)
+    if dtype != torch.float32:  # weights load as fp32
+        # diffusers warns about "modules to keep in float32" even when that list is empty
+        previous = diffusers_logging.get_verbosity()
+        diffusers_logging.set_verbosity_error()
+        try:
+            pipe.to(dtype=dtype)
+        finally:
+            diffusers_logging.set_verbosity(previous)
     return pipe
 
 
