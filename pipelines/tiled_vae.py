@@ -1,0 +1,236 @@
+"""VAE encode/decode in bounded working memory, with the same result as the untiled VAE.
+
+Why not tile the image and run the VAE per tile: every GroupNorm would then normalise with its
+tile's own statistics, which is what leaves colour seams (diffusers' `enable_tiling`).
+
+What we do instead: the VAE runs layer by layer over whole feature maps, but every convolution,
+normalisation and attention is computed tile by tile ("streamed"):
+- a convolution reads each output tile's input region plus its exact halo, so it equals the
+  untiled convolution (no seams, no receptive-field padding needed);
+- GroupNorm statistics are accumulated over the whole feature map first (exact, float64 sums),
+  then each tile is normalised with them on the fly, fused into the next convolution;
+- the mid-block self-attention is global while the feature map has at most
+  `(attention tile + 2 * pad)^2` tokens, else per tile with `pad` tokens of context on every
+  side (the only approximation, measured in tests/benchmarks).
+Peak memory: a few feature maps (the block input, one intermediate, the output) plus one tile's
+workspace, instead of every intermediate of the untiled graph at once.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+from torch import nn
+
+Region = tuple[int, int, int, int]  # r0, r1, c0, c1 (half-open)
+
+
+def tiles(height: int, width: int, size: int) -> Iterator[Region]:
+    for r0 in range(0, height, size):
+        for c0 in range(0, width, size):
+            yield r0, min(r0 + size, height), c0, min(c0 + size, width)
+
+
+class StreamedVAE:
+    """Streamed forward passes of a diffusers AutoencoderKL (SD-style Encoder/Decoder)."""
+
+    def __init__(self, vae, tile_size: int, attention_tile: int, attention_pad: int, per_tile_stats: bool = False):
+        self.vae = vae
+        self.tile = max(8, int(tile_size))
+        self.attention_tile = max(1, int(attention_tile))
+        self.attention_pad = max(0, int(attention_pad))
+        # Only for tests that document why global statistics are needed; never used in production.
+        self.per_tile_stats = per_tile_stats
+
+    # ------------------------------------------------------------------ public
+
+    @torch.no_grad()
+    def encode(self, image: torch.Tensor) -> DiagonalGaussianDistribution:
+        enc = self.vae.encoder
+        x = self.conv(enc.conv_in, image)
+        for block in enc.down_blocks:
+            for resnet in block.resnets:
+                x = self.resnet(resnet, x)
+            if block.downsamplers is not None:
+                x = self.downsample(block.downsamplers[0], x)
+        x = self.mid_block(enc.mid_block, x)
+        x = self.conv(enc.conv_out, x, pre=self.norm_act(enc.conv_norm_out, enc.conv_act, x))
+        if self.vae.quant_conv is not None:
+            x = self.conv(self.vae.quant_conv, x)
+        return DiagonalGaussianDistribution(x)
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        dec = self.vae.decoder
+        x = latents
+        if self.vae.post_quant_conv is not None:
+            x = self.conv(self.vae.post_quant_conv, x)
+        x = self.conv(dec.conv_in, x)
+        x = self.mid_block(dec.mid_block, x)
+        for block in dec.up_blocks:
+            for resnet in block.resnets:
+                x = self.resnet(resnet, x)
+            if block.upsamplers is not None:
+                x = self.upsample(block.upsamplers[0], x)
+        return self.conv(dec.conv_out, x, pre=self.norm_act(dec.conv_norm_out, dec.conv_act, x))
+
+    # ------------------------------------------------------------------ blocks
+
+    def resnet(self, block, x: torch.Tensor) -> torch.Tensor:
+        if getattr(block, "upsample", None) is not None or getattr(block, "downsample", None) is not None:
+            raise NotImplementedError("resnets with built-in resampling are not used by SD-style VAEs")
+        h = self.conv(block.conv1, x, pre=self.norm_act(block.norm1, block.nonlinearity, x))
+        shortcut = block.conv_shortcut
+
+        def residual(r0, r1, c0, c1):
+            region = x[..., r0:r1, c0:c1]
+            return region if shortcut is None else shortcut(region)
+
+        out = self.conv(block.conv2, h, pre=self.norm_act(block.norm2, block.nonlinearity, h), residual=residual)
+        if block.output_scale_factor != 1:
+            out.div_(block.output_scale_factor)
+        return out
+
+    def mid_block(self, block, x: torch.Tensor) -> torch.Tensor:
+        x = self.resnet(block.resnets[0], x)
+        for attention, resnet in zip(block.attentions, block.resnets[1:]):
+            if attention is not None:
+                x = self.attention(attention, x)
+            x = self.resnet(resnet, x)
+        return x
+
+    def attention(self, attn, x: torch.Tensor) -> torch.Tensor:
+        height, width = x.shape[-2:]
+        core, pad = self.attention_tile, self.attention_pad
+        normalize = self.norm_act(attn.group_norm, None, x)
+        if height <= core + 2 * pad and width <= core + 2 * pad:
+            core, pad = max(height, width), 0  # small enough: one global attention, exactly as untiled
+        out = torch.empty_like(x)
+        for r0, r1, c0, c1 in tiles(height, width, core):
+            a0, a1, b0, b1 = max(r0 - pad, 0), min(r1 + pad, height), max(c0 - pad, 0), min(c1 + pad, width)
+            h = normalize(x[..., a0:a1, b0:b1])
+            n, c, th, tw = h.shape
+            tokens = h.flatten(2).transpose(1, 2)
+            q, k, v = attn.to_q(tokens), attn.to_k(tokens), attn.to_v(tokens)
+            heads = attn.heads
+            q, k, v = (t.view(n, -1, heads, c // heads).transpose(1, 2) for t in (q, k, v))
+            o = F.scaled_dot_product_attention(q, k, v)
+            o = attn.to_out[0](o.transpose(1, 2).reshape(n, -1, c))
+            o = o.transpose(1, 2).reshape(n, c, th, tw)[..., r0 - a0 : r1 - a0, c0 - b0 : c1 - b0]
+            region = out[..., r0:r1, c0:c1]
+            torch.add(o, x[..., r0:r1, c0:c1], out=region) if attn.residual_connection else region.copy_(o)
+            region.div_(attn.rescale_output_factor)
+        return out
+
+    def downsample(self, down, x: torch.Tensor) -> torch.Tensor:
+        """diffusers Downsample2D with padding 0: zero-pad right/bottom by one, then a stride-2 3x3 conv."""
+        conv = down.conv
+        height, width = x.shape[-2:]
+        out_h, out_w = (height + 1 - 3) // 2 + 1, (width + 1 - 3) // 2 + 1
+        out = x.new_empty(x.shape[0], _out_channels(conv), out_h, out_w)
+        for r0, r1, c0, c1 in tiles(out_h, out_w, self.tile):
+            a1, b1 = min(2 * r1 + 1, height), min(2 * c1 + 1, width)
+            region = x[..., 2 * r0 : a1, 2 * c0 : b1]
+            region = F.pad(region, (0, 2 * c1 + 1 - b1, 0, 2 * r1 + 1 - a1))
+            out[..., r0:r1, c0:c1] = conv(region)
+        return out
+
+    def upsample(self, up, x: torch.Tensor) -> torch.Tensor:
+        """diffusers Upsample2D: nearest x2 then a 3x3 conv, fused per tile so the x2 map is never whole."""
+        height, width = x.shape[-2:]
+        out_h, out_w = 2 * height, 2 * width
+        out = x.new_empty(x.shape[0], _out_channels(up.conv), out_h, out_w)
+        for r0, r1, c0, c1 in tiles(out_h, out_w, self.tile):
+            s0, s1 = max((r0 - 1) // 2, 0), min(r1 // 2 + 1, height)
+            t0, t1 = max((c0 - 1) // 2, 0), min(c1 // 2 + 1, width)
+            region = F.interpolate(x[..., s0:s1, t0:t1], scale_factor=2.0, mode="nearest")
+            out[..., r0:r1, c0:c1] = up.conv(region)[..., r0 - 2 * s0 : r1 - 2 * s0, c0 - 2 * t0 : c1 - 2 * t0]
+        return out
+
+    # ------------------------------------------------------------------ primitives
+
+    def conv(self, conv, x: torch.Tensor, pre: Callable | None = None, residual: Callable | None = None) -> torch.Tensor:
+        """A stride-1 'same' convolution tile by tile: each tile reads its region plus the kernel's halo.
+
+        Zero padding then only happens at the true image border, exactly as in the untiled conv.
+        `pre` transforms each input region first (GroupNorm + activation with global statistics);
+        `residual(r0, r1, c0, c1)` is added to each output tile.
+        """
+        base = getattr(conv, "base_layer", conv)  # peft LoRA layers wrap the real conv
+        halo = base.padding[0] if isinstance(base.padding, tuple) else int(base.padding)
+        if base.stride not in ((1, 1), 1) or base.kernel_size[0] != 2 * halo + 1:
+            raise NotImplementedError(f"streamed conv expects a stride-1 'same' conv, got {base}")
+        height, width = x.shape[-2:]
+        out = x.new_empty(x.shape[0], _out_channels(conv), height, width)
+        for r0, r1, c0, c1 in tiles(height, width, self.tile):
+            a0, a1, b0, b1 = max(r0 - halo, 0), min(r1 + halo, height), max(c0 - halo, 0), min(c1 + halo, width)
+            region = x[..., a0:a1, b0:b1]
+            if pre is not None:
+                region = pre(region)
+            y = conv(region)[..., r0 - a0 : r1 - a0, c0 - b0 : c1 - b0]
+            if residual is not None:
+                y = y + residual(r0, r1, c0, c1)
+            out[..., r0:r1, c0:c1] = y
+        return out
+
+    def norm_act(self, norm: nn.GroupNorm, act: Callable | None, x: torch.Tensor) -> Callable:
+        """GroupNorm (+ activation) of regions of `x`, with statistics of the whole of `x`."""
+        groups = norm.num_groups
+        if self.per_tile_stats:
+            def per_tile(region):
+                y = F.group_norm(region, groups, norm.weight, norm.bias, norm.eps)
+                return act(y) if act is not None else y
+
+            return per_tile
+        mean, rstd = group_statistics(x, groups, norm.eps, self.tile)
+        channels = x.shape[1]
+        per_channel = channels // groups
+        scale = (rstd.repeat_interleave(per_channel) * norm.weight.double()).view(1, channels, 1, 1)
+        shift = (norm.bias.double().view(1, channels, 1, 1) - mean.repeat_interleave(per_channel).view(1, channels, 1, 1) * scale)
+        scale, shift = scale.float(), shift.float()
+
+        def apply(region: torch.Tensor) -> torch.Tensor:
+            y = torch.addcmul(shift, region.float(), scale).to(region.dtype)
+            return act(y) if act is not None else y
+
+        return apply
+
+
+def group_statistics(x: torch.Tensor, groups: int, eps: float, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-group mean and 1/sqrt(var + eps) over the whole map (batch 1), from float64 sums over row strips."""
+    if x.shape[0] != 1:
+        raise NotImplementedError("streamed VAE runs one image at a time")
+    n_channels = x.shape[1]
+    total = torch.zeros(groups, dtype=torch.float64, device=x.device)
+    total_sq = torch.zeros_like(total)
+    step = max(1, (rows * rows) // max(x.shape[-1], 1))
+    for r0 in range(0, x.shape[-2], step):
+        strip = x[0, :, r0 : r0 + step].double().reshape(groups, -1)
+        total += strip.sum(dim=1)
+        total_sq += (strip * strip).sum(dim=1)
+    count = x[0, 0].numel() * (n_channels // groups)
+    mean = total / count
+    var = (total_sq / count - mean * mean).clamp_min(0)
+    return mean, torch.rsqrt(var + eps)
+
+
+def _out_channels(conv) -> int:
+    return getattr(conv, "base_layer", conv).out_channels
+
+
+def default_attention_tiling(vae_tile_size: int, vae_scale_factor: int) -> tuple[int, int]:
+    """Attention tile core and context pad, in latent pixels, for a given image-pixel tile size."""
+    core = max(8, vae_tile_size // vae_scale_factor)
+    return core, max(4, core // 2)
+
+
+def streamed_vae(vae, vae_tile_size: int, vae_scale_factor: int) -> StreamedVAE:
+    core, pad = default_attention_tiling(vae_tile_size, vae_scale_factor)
+    return StreamedVAE(vae, tile_size=vae_tile_size, attention_tile=core, attention_pad=pad)
+
+
+def needs_streaming(height: int, width: int, vae_tile_size: int | None) -> bool:
+    return vae_tile_size is not None and max(height, width) > vae_tile_size
