@@ -3,7 +3,7 @@
 from .checkpoints import CheckpointError, detect_format, read_weights
 from .color_fix import adain_color_fix, apply_color_fix, wavelet_color_fix
 from .images import ImageInputError
-from .loading import load_pipeline, resolve_dtype
+from .loading import load_pipeline, prepare_for_inference, resolve_dtype
 from .pipeline_onestep_sr import OneStepSRPipeline
 from .prompt_embedding import PromptEmbedding
 
@@ -16,6 +16,7 @@ __all__ = [
     "apply_color_fix",
     "detect_format",
     "load_pipeline",
+    "prepare_for_inference",
     "read_weights",
     "resolve_dtype",
     "wavelet_color_fix",

@@ -21,7 +21,7 @@ def parity_cases() -> list[ParityCase]:
 def osediff_pipe():
     from onestep_sr import load_pipeline
 
-    pipe = load_pipeline(OSEDIFF_PARITY / "tiny-sd21", OSEDIFF_PARITY / "osediff_tiny.pkl")
+    pipe = load_pipeline(OSEDIFF_PARITY / "tiny-sd21", OSEDIFF_PARITY / "osediff_tiny.pkl", fuse_lora=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -30,7 +30,7 @@ def osediff_pipe():
 def osediff_pipe_fused():
     from onestep_sr import load_pipeline
 
-    pipe = load_pipeline(OSEDIFF_PARITY / "tiny-sd21", OSEDIFF_PARITY / "osediff_tiny.pkl", fuse_lora=True)
+    pipe = load_pipeline(OSEDIFF_PARITY / "tiny-sd21", OSEDIFF_PARITY / "osediff_tiny.pkl")
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -198,4 +198,6 @@ def test_learned_prompt_embedding_pipeline_round_trips(osediff_pipe_fused, tmp_p
     reloaded = OneStepSRPipeline.from_pretrained(tmp_path / "d3sr-like", local_files_only=True)
     reloaded.set_progress_bar_config(disable=True)
     assert reloaded.text_encoder is None and reloaded.config.timestep == 999
-    assert torch.equal(run(reloaded, x), out)
+    # from_pretrained gives NCHW weights, load_pipeline channels-last ones: other conv kernels, same math
+    # (eps differences are amplified ~14.6x into x0; the parity data saw 1.1e-5 from a thread-count change)
+    torch.testing.assert_close(run(reloaded, x), out, atol=2e-5, rtol=0)

@@ -1,0 +1,192 @@
+"""Speed and memory of the OSEDiff path on FULL-SIZE SD2.1-base architectures with random weights.
+
+Not part of the test suite. One command:
+
+    python tests/benchmarks/benchmark_tiling.py            # table on stdout, JSON in bench_out/
+
+Every configuration runs in its own subprocess, so peak resident memory (VmHWM) is that
+configuration's alone. Configurations, in the same run:
+  baseline: fp32, untiled denoiser, untiled VAE (diffusers' plain encode/decode)
+  default:  dtype="auto", tile_size="auto", vae_tile_size="auto" (what users get)
+The text encoder is left out of both (prompt embeddings are random): it runs once per prompt and
+would add the same ~0.7 GB (bf16) / 1.4 GB (fp32) to every row. Weights are random, so outputs
+are meaningless; compute and memory are those of the real models. The VAE-tiling quality check
+compares the streamed VAE against the untiled one on a smooth test image, both in fp32.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+SIZES = {"512": 128, "1024": 256, "2048": 512}  # output side -> LQ side at 4x
+
+
+def peak_rss_gib() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**20
+    return float("nan")
+
+
+def build_pipeline(dtype):
+    import torch
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+
+    from onestep_sr import OneStepSRPipeline
+    from onestep_sr.pipelines.loading import SD21_BASE_CONFIG
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(SD21_BASE_CONFIG / "unet"))
+    vae = AutoencoderKL.from_config(AutoencoderKL.load_config(SD21_BASE_CONFIG / "vae"))
+    scheduler = DDPMScheduler.from_pretrained(SD21_BASE_CONFIG, subfolder="scheduler")
+    pipe = OneStepSRPipeline(vae=vae.eval(), unet=unet.eval(), scheduler=scheduler, timestep=999)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(dtype=dtype)
+
+
+def run_config(config: str, out_side: int) -> dict:
+    import torch
+
+    from onestep_sr.pipelines.images import LQImage, pad_to_multiple, upsample_pil_bicubic
+    from onestep_sr.pipelines.loading import resolve_dtype
+    from onestep_sr.pipelines.tiling_options import TilingOptions
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    dtype = torch.float32 if config == "baseline" else resolve_dtype("auto", torch.device("cpu"))
+    t0 = time.perf_counter()
+    pipe = build_pipeline(dtype)
+    build_s = time.perf_counter() - t0
+    rss_models = peak_rss_gib()
+    if config == "baseline":
+        tiling = TilingOptions.resolve(pipe, None, 32, 1, None, "gaussian")
+    else:
+        tiling = TilingOptions.resolve(pipe, "auto", 32, 1, "auto", "gaussian")
+    lq_side = out_side // 4
+    g = torch.Generator().manual_seed(1)
+    y, x = torch.meshgrid(torch.linspace(0, 6, lq_side), torch.linspace(0, 6, lq_side), indexing="ij")
+    lq = torch.stack([torch.sin(x) * 0.4 + 0.5, torch.cos(y) * 0.4 + 0.5, torch.sin(x + y) * 0.2 + 0.5])[None]
+    lq = (lq + 0.02 * torch.randn(lq.shape, generator=g)).clamp(0, 1)
+    cond = torch.randn(1, 77, 1024, generator=g).to(dtype)
+    with torch.no_grad():
+        up = upsample_pil_bicubic(LQImage(rgb=lq), 4)
+        padded, _ = pad_to_multiple(up.rgb * 2 - 1, pipe.vae_scale_factor)
+        t = time.perf_counter()
+        latents = pipe.encode(padded, "mode", None, tiling)
+        encode_s = time.perf_counter() - t
+        t = time.perf_counter()
+        clean = pipe.denoise(latents, cond, tiling)
+        denoise_s = time.perf_counter() - t
+        t = time.perf_counter()
+        image = pipe.decode(clean, tiling)
+        decode_s = time.perf_counter() - t
+    assert image.shape[-1] == out_side and torch.isfinite(image).all()
+    return {
+        "config": config, "output": out_side, "dtype": str(dtype).replace("torch.", ""),
+        "denoiser_tile": tiling.tile_for(tuple(latents.shape[-2:])), "vae_tile": tiling.vae_tile_size,
+        "encode_s": round(encode_s, 2), "denoise_s": round(denoise_s, 2), "decode_s": round(decode_s, 2),
+        "total_s": round(encode_s + denoise_s + decode_s, 2), "build_s": round(build_s, 1),
+        "rss_models_gib": round(rss_models, 2), "peak_rss_gib": round(peak_rss_gib(), 2),
+    }
+
+
+def vae_quality(out_side: int, vae_tile_size: int) -> dict:
+    """Streamed vs untiled VAE (fp32, same random full-size VAE): PSNR of decode(encode(x))."""
+    import math
+
+    import torch
+    from diffusers import AutoencoderKL
+
+    from onestep_sr.pipelines.loading import SD21_BASE_CONFIG
+    from onestep_sr.pipelines.tiled_vae import streamed_vae
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    torch.manual_seed(0)
+    vae = AutoencoderKL.from_config(AutoencoderKL.load_config(SD21_BASE_CONFIG / "vae")).eval()
+    y, x = torch.meshgrid(torch.linspace(0, 8, out_side), torch.linspace(0, 8, out_side), indexing="ij")
+    image = torch.stack([torch.sin(x), torch.cos(y), torch.sin(x + y)])[None] * 0.8
+    streamed = streamed_vae(vae, vae_tile_size, 8)
+    with torch.no_grad():
+        ref_post = vae.encode(image).latent_dist
+        ref = vae.decode(ref_post.mean).sample
+        s_post = streamed.encode(image)
+        s = streamed.decode(s_post.mean)
+        s_dec_only = streamed.decode(ref_post.mean)
+
+    def psnr(a, b):
+        mse = ((a.double() - b.double()) ** 2).mean().item()
+        peak = float(b.max() - b.min())
+        return round(10 * math.log10(peak * peak / mse), 2) if mse > 0 else float("inf")
+
+    return {"output": out_side, "vae_tile": vae_tile_size, "psnr_latent_db": psnr(s_post.mean, ref_post.mean),
+            "psnr_decode_db": psnr(s_dec_only, ref), "psnr_roundtrip_db": psnr(s, ref)}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", default="512,1024,2048", help="output sides to run")
+    parser.add_argument("--baseline-sizes", default="512,1024",
+                        help="output sides for the fp32 untiled baseline (2048 needs >24 GiB untiled fp32 on CPU)")
+    parser.add_argument("--quality-sizes", default="1024", help="output sides for the VAE tiling PSNR check")
+    parser.add_argument("--out", type=Path, default=Path("bench_out"))
+    parser.add_argument("--_child", nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument("--_quality", nargs=2, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args._child:
+        print(json.dumps(run_config(args._child[0], int(args._child[1]))))
+        return 0
+    if args._quality:
+        print(json.dumps(vae_quality(int(args._quality[0]), int(args._quality[1]))))
+        return 0
+
+    def child(flag, *values) -> dict:
+        proc = subprocess.run([sys.executable, __file__, flag, *map(str, values)], capture_output=True, text=True)
+        if proc.returncode != 0:
+            return {"error": (proc.stderr.strip().splitlines() or ["killed"])[-1][:200], "rc": proc.returncode}
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+
+    rows = []
+    sizes = [int(s) for s in args.sizes.split(",") if s]
+    baseline_sizes = {int(s) for s in args.baseline_sizes.split(",") if s}
+    for side in sizes:
+        for config in ("baseline", "default"):
+            if config == "baseline" and side not in baseline_sizes:
+                continue
+            row = {"config": config, "output": side, **child("--_child", config, side)}
+            rows.append(row)
+            print(json.dumps(row), file=sys.stderr, flush=True)
+    quality = [child("--_quality", side, 512) for side in [int(s) for s in args.quality_sizes.split(",") if s]]
+
+    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {__import__('torch').__version__}"
+    print(f"\nOSEDiff path, full-size SD2.1-base random weights, LQ x4 ({machine})\n")
+    header = f"{'config':9} {'output':>6} {'dtype':>8} {'tile':>5} {'vae':>5} {'encode':>7} {'denoise':>8} {'decode':>7} {'total':>7} {'peak RSS':>9}"
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        if "error" in r:
+            print(f"{r['config']:9} {r['output']:>6}  failed: {r['error']}")
+            continue
+        print(f"{r['config']:9} {r['output']:>6} {r['dtype']:>8} {str(r['denoiser_tile']):>5} {str(r['vae_tile']):>5} "
+              f"{r['encode_s']:>6.1f}s {r['denoise_s']:>7.1f}s {r['decode_s']:>6.1f}s {r['total_s']:>6.1f}s {r['peak_rss_gib']:>7.2f}G")
+    by = {(r["config"], r["output"]): r for r in rows if "error" not in r}
+    for side in sizes:
+        if ("baseline", side) in by and ("default", side) in by:
+            print(f"speed-up at {side}: {by[('baseline', side)]['total_s'] / by[('default', side)]['total_s']:.2f}x")
+    if ("default", 1024) in by and ("default", 2048) in by:
+        print(f"peak RSS 2048 / 1024 (default): {by[('default', 2048)]['peak_rss_gib'] / by[('default', 1024)]['peak_rss_gib']:.2f}x")
+    for q in quality:
+        print(f"VAE tiled vs untiled at {q.get('output')} px, tile {q.get('vae_tile')}: " + json.dumps(q))
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "benchmark_tiling.json").write_text(json.dumps({"machine": machine, "rows": rows, "vae_quality": quality}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
