@@ -10,7 +10,8 @@ from .pipelines import (
     OneStepSRPipeline,
     PromptEmbedding,
     load_pipeline,
+    prepare_for_inference,
 )
 
-__all__ = ["CheckpointError", "ImageInputError", "OneStepSRPipeline", "PromptEmbedding", "load_pipeline"]
+__all__ = ["CheckpointError", "ImageInputError", "OneStepSRPipeline", "PromptEmbedding", "load_pipeline", "prepare_for_inference"]
 __version__ = "0.1.0"

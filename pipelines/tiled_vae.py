@@ -108,7 +108,7 @@ class StreamedVAE:
         normalize = self.norm_act(attn.group_norm, None, x)
         if height <= core + 2 * pad and width <= core + 2 * pad:
             core, pad = max(height, width), 0  # small enough: one global attention, exactly as untiled
-        out = torch.empty_like(x)
+        out = _empty_map(x, x.shape[1], height, width)
         for r0, r1, c0, c1 in tiles(height, width, core):
             a0, a1, b0, b1 = max(r0 - pad, 0), min(r1 + pad, height), max(c0 - pad, 0), min(c1 + pad, width)
             h = normalize(x[..., a0:a1, b0:b1])
@@ -130,7 +130,7 @@ class StreamedVAE:
         conv = down.conv
         height, width = x.shape[-2:]
         out_h, out_w = (height + 1 - 3) // 2 + 1, (width + 1 - 3) // 2 + 1
-        out = x.new_empty(x.shape[0], _out_channels(conv), out_h, out_w)
+        out = _empty_map(x, _out_channels(conv), out_h, out_w)
         for r0, r1, c0, c1 in tiles(out_h, out_w, self.tile):
             a1, b1 = min(2 * r1 + 1, height), min(2 * c1 + 1, width)
             region = x[..., 2 * r0 : a1, 2 * c0 : b1]
@@ -142,7 +142,7 @@ class StreamedVAE:
         """diffusers Upsample2D: nearest x2 then a 3x3 conv, fused per tile so the x2 map is never whole."""
         height, width = x.shape[-2:]
         out_h, out_w = 2 * height, 2 * width
-        out = x.new_empty(x.shape[0], _out_channels(up.conv), out_h, out_w)
+        out = _empty_map(x, _out_channels(up.conv), out_h, out_w)
         for r0, r1, c0, c1 in tiles(out_h, out_w, self.tile):
             s0, s1 = max((r0 - 1) // 2, 0), min(r1 // 2 + 1, height)
             t0, t1 = max((c0 - 1) // 2, 0), min(c1 // 2 + 1, width)
@@ -164,7 +164,7 @@ class StreamedVAE:
         if base.stride not in ((1, 1), 1) or base.kernel_size[0] != 2 * halo + 1:
             raise NotImplementedError(f"streamed conv expects a stride-1 'same' conv, got {base}")
         height, width = x.shape[-2:]
-        out = x.new_empty(x.shape[0], _out_channels(conv), height, width)
+        out = _empty_map(x, _out_channels(conv), height, width)
         for r0, r1, c0, c1 in tiles(height, width, self.tile):
             a0, a1, b0, b1 = max(r0 - halo, 0), min(r1 + halo, height), max(c0 - halo, 0), min(c1 + halo, width)
             region = x[..., a0:a1, b0:b1]
@@ -215,6 +215,12 @@ def group_statistics(x: torch.Tensor, groups: int, eps: float, rows: int) -> tup
     mean = total / count
     var = (total_sq / count - mean * mean).clamp_min(0)
     return mean, torch.rsqrt(var + eps)
+
+
+def _empty_map(like: torch.Tensor, channels: int, height: int, width: int) -> torch.Tensor:
+    # channels-last, like the conv outputs written into it (the weights are channels-last for speed)
+    return torch.empty(like.shape[0], channels, height, width, dtype=like.dtype, device=like.device,
+                       memory_format=torch.channels_last)
 
 
 def _out_channels(conv) -> int:

@@ -15,7 +15,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_VAE_TILE_SIZE = 512
 MIN_VAE_TILE_SIZE = 64
-AUTO_TILE_CANDIDATES = (DEFAULT_TILE_SIZE, 64, 48, 32)
+AUTO_TILE_CANDIDATES = (128, 96, 64, 48, 32)
 # Working memory of one denoiser tile, per latent pixel and per channel of the UNet's first block,
 # in bytes per element of its dtype. Calibrated on SD2.1-base (320 channels): peak RSS growth at
 # 96x96 latents was ~2.2 GB in bf16 (tests/benchmarks/benchmark_tiling.py) -> 2.2e9 / (96*96*320*2) ~= 37.
@@ -64,6 +64,7 @@ class TilingOptions:
     blend: str
     vae_scale_factor: int = 8
     denoiser_bytes: Callable[[int, int], int] | None = None
+    default_tile: int = DEFAULT_TILE_SIZE
     device: torch.device = torch.device("cpu")
 
     @classmethod
@@ -71,13 +72,15 @@ class TilingOptions:
         return cls(None, False, DEFAULT_TILE_OVERLAP, 1, None, "gaussian")
 
     @classmethod
-    def resolve(cls, pipe, tile_size: Any, tile_overlap: int, tile_batch_size: int, vae_tile_size: Any,
+    def resolve(cls, pipe, tile_size: Any, tile_overlap: Any, tile_batch_size: int, vae_tile_size: Any,
                 blend: str) -> "TilingOptions":
         if blend not in BLEND_MODES:
             raise ValueError(f"blend must be one of {BLEND_MODES}, got {blend!r}")
         for name, value, minimum in (("tile_size", tile_size, MIN_TILE_SIZE), ("vae_tile_size", vae_tile_size, MIN_VAE_TILE_SIZE)):
             if value not in (None, "auto") and (isinstance(value, bool) or not isinstance(value, int) or value < minimum):
                 raise ValueError(f"{name} must be 'auto', None or an integer >= {minimum}, got {value!r}")
+        if tile_overlap == "auto":
+            tile_overlap = getattr(pipe, "default_tile_overlap", DEFAULT_TILE_OVERLAP)
         if isinstance(tile_overlap, bool) or not isinstance(tile_overlap, int) or tile_overlap < 0:
             raise ValueError(f"tile_overlap must be a non-negative integer, got {tile_overlap!r}")
         if isinstance(tile_batch_size, bool) or not isinstance(tile_batch_size, int) or tile_batch_size < 1:
@@ -91,6 +94,7 @@ class TilingOptions:
             blend=blend,
             vae_scale_factor=pipe.vae_scale_factor,
             denoiser_bytes=lambda tile, batch: estimate_tile_bytes(pipe, tile, batch),
+            default_tile=getattr(pipe, "default_tile_size", DEFAULT_TILE_SIZE),
             device=pipe._execution_device,
         )
 
@@ -100,8 +104,9 @@ class TilingOptions:
         """The denoiser tile size for a latent of this size (None: run untiled)."""
         if self.auto_tile:
             budget = available_memory(self.device) // 2  # leave room for the VAE maps and the rest of the process
-            tile = next((t for t in AUTO_TILE_CANDIDATES if self.denoiser_bytes(t, self.tile_batch_size) <= budget),
-                        AUTO_TILE_CANDIDATES[-1])
+            # the method's own default (its official tiling) unless free memory asks for smaller tiles
+            candidates = [t for t in AUTO_TILE_CANDIDATES if t <= self.default_tile]
+            tile = next((t for t in candidates if self.denoiser_bytes(t, self.tile_batch_size) <= budget), candidates[-1])
         else:
             tile = self.tile_size
         if tile is None or (latent_hw[0] <= tile and latent_hw[1] <= tile):

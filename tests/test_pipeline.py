@@ -36,14 +36,14 @@ def test_closed_form_matches_ddpm_pred_original_sample(pipe, prediction_type, t)
     latents, output = torch.randn(2, 1, 4, 6, 6, generator=g)
     reference = scheduler.step(output, t, latents).pred_original_sample  # diffusers' own formula
     test_pipe = OneStepSRPipeline(vae=pipe.vae, unet=pipe.unet, scheduler=scheduler, timestep=t)
-    torch.testing.assert_close(test_pipe.predict_clean_latent(output, latents, t), reference, atol=1e-5, rtol=1e-6)
+    torch.testing.assert_close(test_pipe.predict_clean_latent(output, latents), reference, atol=1e-5, rtol=1e-6)
 
 
 def test_sd21_one_step_coefficients_match_published_values(pipe):
     # methods-osediff.md: x0 = 14.6488 z - 14.6147 eps at t = 999 for SD2.1-base's schedule
     z, eps = torch.tensor([[1.0]]), torch.tensor([[0.0]])
-    assert pipe.predict_clean_latent(eps, z, 999).item() == pytest.approx(14.6488, abs=1e-3)
-    assert pipe.predict_clean_latent(torch.tensor([[1.0]]), torch.tensor([[0.0]]), 999).item() == pytest.approx(-14.6147, abs=1e-3)
+    assert pipe.predict_clean_latent(eps, z).item() == pytest.approx(14.6488, abs=1e-3)
+    assert pipe.predict_clean_latent(torch.tensor([[1.0]]), torch.tensor([[0.0]])).item() == pytest.approx(-14.6147, abs=1e-3)
 
 
 @pytest.mark.parametrize("size,upscale", [((37, 27), 1), ((37, 27), 2), ((1, 1), 4), ((1, 9), 4), ((64, 3), 2)])
@@ -186,7 +186,7 @@ def test_learned_prompt_embedding_pipeline_round_trips(osediff_pipe_fused, tmp_p
     c = osediff_pipe_fused.components
     embeds = torch.randn(1, 77, 32, generator=torch.Generator().manual_seed(9))
     pipe = OneStepSRPipeline(vae=c["vae"], unet=c["unet"], scheduler=c["scheduler"],
-                             prompt_embedding=PromptEmbedding.from_tensor(embeds), timestep=999)
+                             prompt_embedding=PromptEmbedding.from_tensors(embeds), timestep=999)
     pipe.set_progress_bar_config(disable=True)
     x = torch.rand(3, 8, 8)
     out = run(pipe, x)

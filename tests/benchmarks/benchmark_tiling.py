@@ -36,20 +36,26 @@ def peak_rss_gib() -> float:
     return float("nan")
 
 
-def build_pipeline(dtype):
+def build_pipeline(dtype, baseline: bool):
     import torch
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
-    from onestep_sr import OneStepSRPipeline
+    from onestep_sr import OneStepSRPipeline, prepare_for_inference
     from onestep_sr.pipelines.loading import SD21_BASE_CONFIG
 
     torch.manual_seed(0)
+    torch.set_default_dtype(dtype)  # build in the target dtype, as load_pipeline loads weights straight into it
     unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(SD21_BASE_CONFIG / "unet"))
     vae = AutoencoderKL.from_config(AutoencoderKL.load_config(SD21_BASE_CONFIG / "vae"))
+    torch.set_default_dtype(torch.float32)
     scheduler = DDPMScheduler.from_pretrained(SD21_BASE_CONFIG, subfolder="scheduler")
-    pipe = OneStepSRPipeline(vae=vae.eval(), unet=unet.eval(), scheduler=scheduler, timestep=999)
+    pipe = OneStepSRPipeline(vae=vae, unet=unet, scheduler=scheduler, timestep=999)
     pipe.set_progress_bar_config(disable=True)
-    return pipe.to(dtype=dtype)
+    if baseline:  # plain diffusers usage: fp32, default memory format
+        unet.eval()
+        vae.eval()
+        return pipe
+    return prepare_for_inference(pipe, torch.device("cpu"), dtype)
 
 
 def run_config(config: str, out_side: int) -> dict:
@@ -62,7 +68,7 @@ def run_config(config: str, out_side: int) -> dict:
     torch.set_num_threads(os.cpu_count() or 1)
     dtype = torch.float32 if config == "baseline" else resolve_dtype("auto", torch.device("cpu"))
     t0 = time.perf_counter()
-    pipe = build_pipeline(dtype)
+    pipe = build_pipeline(dtype, baseline=config == "baseline")
     build_s = time.perf_counter() - t0
     rss_models = peak_rss_gib()
     if config == "baseline":
