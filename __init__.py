@@ -8,10 +8,11 @@ from .pipelines import (
     CheckpointError,
     ImageInputError,
     OneStepSRPipeline,
+    OneStepSRSD3Pipeline,
     PromptEmbedding,
     load_pipeline,
     prepare_for_inference,
 )
 
-__all__ = ["CheckpointError", "ImageInputError", "OneStepSRPipeline", "PromptEmbedding", "load_pipeline", "prepare_for_inference"]
+__all__ = ["CheckpointError", "ImageInputError", "OneStepSRPipeline", "OneStepSRSD3Pipeline", "PromptEmbedding", "load_pipeline", "prepare_for_inference"]
 __version__ = "0.1.0"

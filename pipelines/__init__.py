@@ -5,12 +5,14 @@ from .color_fix import adain_color_fix, apply_color_fix, wavelet_color_fix
 from .images import ImageInputError
 from .loading import load_pipeline, prepare_for_inference, resolve_dtype
 from .pipeline_onestep_sr import OneStepSRPipeline
+from .pipeline_onestep_sr_sd3 import OneStepSRSD3Pipeline
 from .prompt_embedding import PromptEmbedding
 
 __all__ = [
     "CheckpointError",
     "ImageInputError",
     "OneStepSRPipeline",
+    "OneStepSRSD3Pipeline",
     "PromptEmbedding",
     "adain_color_fix",
     "apply_color_fix",

@@ -23,8 +23,8 @@ class CheckpointError(ValueError):
     """A weight file that is missing, unreadable, of an unknown format, or does not fit the base model."""
 
 
-def read_weights(path: str | os.PathLike) -> dict[str, Any]:
-    """Load a weight file into a dict without executing code from it."""
+def read_weights(path: str | os.PathLike, allow_tensor: bool = False) -> Any:
+    """Load a weight file into a dict (or, with allow_tensor, a single tensor) without executing code from it."""
     path = Path(path)
     if path.is_dir():
         raise CheckpointError(f"{path}: is a folder; expected a weight file such as osediff.pkl")
@@ -49,7 +49,7 @@ def read_weights(path: str | os.PathLike) -> dict[str, Any]:
             ) from err
         except (EOFError, RuntimeError, zipfile.BadZipFile, OSError, ValueError) as err:
             raise CheckpointError(f"{path}: could not be read (truncated or corrupted?): {err}") from err
-        if not isinstance(state, dict):
+        if not isinstance(state, dict) and not (allow_tensor and isinstance(state, torch.Tensor)):
             raise CheckpointError(f"{path}: expected a dict of weights, found a {type(state).__name__}")
         return state
     raise CheckpointError(
@@ -86,8 +86,27 @@ def _is_osediff(state: dict[str, Any]) -> bool:
     return {"state_dict_unet", "state_dict_vae", "rank_unet", "rank_vae"} <= state.keys()
 
 
+def _lora_keys_under(state: dict[str, Any], prefix: str) -> bool:
+    keys = [k for k in state if isinstance(k, str)]
+    return bool(keys) and all(k.startswith(prefix) for k in keys) and any(".lora_A." in k for k in keys)
+
+
+def _is_tsdsr_transformer(state: dict[str, Any]) -> bool:
+    # saved by StableDiffusion3Pipeline.save_lora_weights: peft keys behind a `transformer.` prefix
+    return _lora_keys_under(state, "transformer.") and any(".transformer_blocks." in k for k in state)
+
+
+def _is_tsdsr_vae(state: dict[str, Any]) -> bool:
+    # the TSD-SR quirk: the VAE-encoder LoRA file carries the `transformer.` prefix too
+    return _lora_keys_under(state, "transformer.") and all(
+        k.startswith(("transformer.encoder.", "transformer.quant_conv.")) for k in state
+    )
+
+
 FORMAT_DETECTORS: dict[str, Callable[[dict[str, Any]], bool]] = {
     "osediff": _is_osediff,
+    "tsdsr-transformer": _is_tsdsr_transformer,
+    "tsdsr-vae": _is_tsdsr_vae,
 }
 
 
@@ -98,7 +117,8 @@ def detect_format(state: dict[str, Any], path: str | os.PathLike = "<weights>") 
     keys = ", ".join(list(map(str, state.keys()))[:8])
     raise CheckpointError(
         f"{path}: unknown SR weight format (first keys: {keys}). Supported: "
-        "OSEDiff `osediff.pkl` (keys state_dict_unet, state_dict_vae, rank_unet, rank_vae)."
+        "OSEDiff `osediff.pkl` (keys state_dict_unet, state_dict_vae, rank_unet, rank_vae); "
+        "TSD-SR `transformer.safetensors` + `vae.safetensors` (LoRA keys `transformer.*.lora_A.weight`)."
     )
 
 
@@ -113,12 +133,7 @@ class LoRAWeights:
     """LoRA factors per module name: A is (r, in[, kh, kw]), B is (out, r[, 1, 1]); delta = scale * B @ A."""
 
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]]
-    rank: int
-    alpha: float
-
-    @property
-    def scale(self) -> float:
-        return self.alpha / self.rank
+    scale: float
 
 
 @dataclass
@@ -138,11 +153,50 @@ def parse_osediff(state: dict[str, Any], path: str | os.PathLike = "<weights>") 
     for key, value in unet_sd.items():
         if ".base_layer." in key:  # a fully retrained base layer (conv_in in OSEDiff)
             replacements[key.replace(".base_layer.", ".")] = value
-    return OSEDiffWeights(
-        unet_lora=LoRAWeights(_collect_lora_factors(unet_sd, path), rank_unet, OSEDIFF_LORA_ALPHA),
-        vae_lora=LoRAWeights(_collect_lora_factors(vae_sd, path), rank_vae, OSEDIFF_LORA_ALPHA),
-        unet_replacements=replacements,
-    )
+    unet_lora = LoRAWeights(_collect_lora_factors(unet_sd, path), OSEDIFF_LORA_ALPHA / rank_unet)
+    vae_lora = LoRAWeights(_collect_lora_factors(vae_sd, path), OSEDIFF_LORA_ALPHA / rank_vae)
+    for name, lora, rank in (("UNet", unet_lora, rank_unet), ("VAE", vae_lora, rank_vae)):
+        ranks = {a.shape[0] for a, _ in lora.factors.values()}
+        if ranks and ranks != {rank}:
+            raise CheckpointError(f"{path}: the {name} LoRA factors have rank {sorted(ranks)} but the file says {rank}")
+    return OSEDiffWeights(unet_lora=unet_lora, vae_lora=vae_lora, unet_replacements=replacements)
+
+
+# ---------------------------------------------------------------------------- TSD-SR
+
+
+def parse_tsdsr_lora(state: dict[str, torch.Tensor], path: str | os.PathLike = "<weights>") -> LoRAWeights:
+    """TSD-SR LoRA (transformer or VAE file): prefix `transformer.` stripped; lora_alpha = r, so scale 1."""
+    stripped = {k[len("transformer."):]: v for k, v in state.items()}
+    return LoRAWeights(_collect_lora_factors(stripped, path), 1.0)
+
+
+def read_tsdsr_embeddings(path: str | os.PathLike) -> tuple[torch.Tensor, torch.Tensor]:
+    """(prompt_embeds, pooled) from a folder with prompt_embeds.pt + pool_embeds.pt, or a safetensors file with both."""
+    path = Path(path)
+    if path.is_dir():
+        pt = (path / "prompt_embeds.pt", path / "pool_embeds.pt")
+        if all(p.is_file() for p in pt):
+            embeds, pooled = (read_weights(p, allow_tensor=True) for p in pt)
+        else:
+            files = sorted(path.glob("*.safetensors"))
+            found = [f for f in files if {"prompt_embeds", "pool_embeds"} <= set(read_weight_keys(f))]
+            if not found:
+                raise CheckpointError(
+                    f"{path}: no TSD-SR embeddings found; expected prompt_embeds.pt and pool_embeds.pt "
+                    "(or a .safetensors file with tensors prompt_embeds and pool_embeds)"
+                )
+            state = read_weights(found[0])
+            embeds, pooled = state["prompt_embeds"], state["pool_embeds"]
+    else:
+        state = read_weights(path)
+        if not {"prompt_embeds", "pool_embeds"} <= state.keys():
+            raise CheckpointError(f"{path}: expected tensors 'prompt_embeds' and 'pool_embeds', found {sorted(state)[:6]}")
+        embeds, pooled = state["prompt_embeds"], state["pool_embeds"]
+    for name, t, ndim in (("prompt_embeds", embeds, 3), ("pool_embeds", pooled, 2)):
+        if not isinstance(t, torch.Tensor) or t.ndim not in (ndim - 1, ndim):
+            raise CheckpointError(f"{path}: {name} must be a tensor of {ndim - 1} or {ndim} dims, got {getattr(t, 'shape', t)}")
+    return embeds, pooled
 
 
 def _collect_lora_factors(sd: dict[str, torch.Tensor], path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:

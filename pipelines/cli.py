@@ -23,7 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("-o", "--output", type=Path, default=Path("out"), help="output folder (default: ./out)")
     _add_model_args(up)
     up.add_argument("--upscale", type=int, default=4, help="integer scale factor (default 4)")
-    up.add_argument("--color-fix", default="adain", choices=("adain", "wavelet", "none"), help="colour correction")
+    up.add_argument("--color-fix", default=None, choices=("adain", "wavelet", "none"),
+                    help="colour correction (default: the method's own: adain for OSEDiff, wavelet for TSD-SR)")
     up.add_argument("--prompt", default="", help="text prompt for the denoiser (default: empty)")
     up.add_argument("--latent-sampling", default="mode", choices=("mode", "sample"),
                     help="'mode' is deterministic; 'sample' draws from the VAE posterior like the official code")
@@ -44,7 +45,11 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base", type=Path, default=None,
                         help=f"SD2.1-base diffusers folder or single-file checkpoint (default: $ONESTEP_SR_MODELS/{DEFAULT_BASE})")
     parser.add_argument("--weights", type=Path, default=None,
-                        help=f"official SR weights, e.g. osediff.pkl (default: $ONESTEP_SR_MODELS/{DEFAULT_WEIGHTS})")
+                        help="official SR weights: osediff.pkl, or the TSD-SR folder with transformer.safetensors + "
+                             f"vae.safetensors (default: $ONESTEP_SR_MODELS/{DEFAULT_WEIGHTS})")
+    parser.add_argument("--embeddings", type=Path, default=None,
+                        help="TSD-SR prompt embeddings (folder with prompt_embeds.pt + pool_embeds.pt, or one "
+                             ".safetensors); default: looked for beside the weights")
 
 
 def missing_weights_message(base: Path, weights: Path) -> str | None:
@@ -53,7 +58,7 @@ def missing_weights_message(base: Path, weights: Path) -> str | None:
         lines.append(
             f"  SR weights not found: {weights}\n"
             f"    put the official OSEDiff checkpoint `osediff.pkl` (cswry/OSEDiff, preset/models/osediff.pkl) there,\n"
-            f"    or pass --weights PATH"
+            f"    or pass --weights PATH (for TSD-SR: the folder with transformer.safetensors and vae.safetensors)"
         )
     if not base.exists():
         lines.append(
@@ -102,7 +107,7 @@ def _convert(args) -> int:
         print(message, file=sys.stderr)
         return 2
     try:
-        out = convert_to_diffusers(base, weights, args.out)
+        out = convert_to_diffusers(base, weights, args.out, embeddings=args.embeddings)
     except CheckpointError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -145,7 +150,8 @@ def _upscale(args) -> int:
         print("error: no input images given (files or folders with .png/.jpg/...)", file=sys.stderr)
         return 2
     try:
-        pipe = load_pipeline(base, weights, dtype=args.dtype, device=args.device, fuse_lora=not args.no_fuse_lora)
+        pipe = load_pipeline(base, weights, dtype=args.dtype, device=args.device, fuse_lora=not args.no_fuse_lora,
+                             embeddings=args.embeddings)
     except (CheckpointError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

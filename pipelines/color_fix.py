@@ -17,8 +17,12 @@ _WAVELET_LEVELS = 5
 
 
 def adain_color_fix(target: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
-    """Give `target` the per-channel mean and std of `source` (unbiased variance + 1e-5, as upstream)."""
-    _check_pair(target, source)
+    """Give `target` the per-channel mean and std of `source` (unbiased variance + 1e-5, as upstream).
+
+    Only statistics are taken from `source`, so it may have another size (TSD-SR uses the LR itself).
+    """
+    if target.shape[:2] != source.shape[:2]:
+        raise ValueError(f"colour fix needs the same batch and channels, got {tuple(target.shape)} and {tuple(source.shape)}")
     t_mean, t_std = _channel_stats(target)
     s_mean, s_std = _channel_stats(source)
     return ((target - t_mean) / t_std * s_std + s_mean).clamp_(0, 1)

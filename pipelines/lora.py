@@ -20,7 +20,7 @@ def apply_lora(model: nn.Module, lora: LoRAWeights, *, fuse: bool, adapter_name:
         return
     modules = dict(model.named_modules())
     for name, (a, b) in lora.factors.items():
-        _check_factors(modules.get(name), name, a, b, lora.rank, source)
+        _check_factors(modules.get(name), name, a, b, source)
     if fuse:
         for name, (a, b) in lora.factors.items():
             fuse_lora_delta(modules[name], a, b, lora.scale)
@@ -28,10 +28,16 @@ def apply_lora(model: nn.Module, lora: LoRAWeights, *, fuse: bool, adapter_name:
     from peft import LoraConfig
 
     targets = "^(" + "|".join(re.escape(n) for n in sorted(lora.factors)) + ")$"
-    model.add_adapter(
-        LoraConfig(r=lora.rank, lora_alpha=lora.alpha, target_modules=targets, init_lora_weights=False),
-        adapter_name=adapter_name,
+    ranks = {name: a.shape[0] for name, (a, _) in lora.factors.items()}
+    rank = max(set(ranks.values()), key=list(ranks.values()).count)
+    # peft's scale is lora_alpha / r: give every module alpha = scale * its own rank
+    odd = {name: r for name, r in ranks.items() if r != rank}
+    config = LoraConfig(
+        r=rank, lora_alpha=lora.scale * rank, target_modules=targets, init_lora_weights=False,
+        rank_pattern={f"^{re.escape(n)}$": r for n, r in odd.items()},
+        alpha_pattern={f"^{re.escape(n)}$": lora.scale * r for n, r in odd.items()},
     )
+    model.add_adapter(config, adapter_name=adapter_name)
     modules = dict(model.named_modules())
     with torch.no_grad():
         for name, (a, b) in lora.factors.items():
@@ -63,13 +69,14 @@ def replace_weights(model: nn.Module, tensors: dict[str, torch.Tensor], source: 
             params[name].copy_(value)
 
 
-def _check_factors(module, name: str, a: torch.Tensor, b: torch.Tensor, rank: int, source: str) -> None:
+def _check_factors(module, name: str, a: torch.Tensor, b: torch.Tensor, source: str) -> None:
     hint = "wrong base model for these weights?"
     if module is None:
         raise CheckpointError(f"{source}: LoRA targets module {name!r}, which the base model does not have; {hint}")
     if not isinstance(module, (nn.Linear, nn.Conv2d)):
         raise CheckpointError(f"{source}: LoRA target {name!r} is a {type(module).__name__}, not Linear/Conv2d")
     w = module.weight
+    rank = a.shape[0]
     if isinstance(module, nn.Linear):
         expected_a, expected_b = (rank, w.shape[1]), (w.shape[0], rank)
     else:

@@ -41,3 +41,29 @@ class ParityCase:
 
 def png_to_tensor(img: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.asarray(img, dtype=np.float32) / 255).permute(2, 0, 1)[None]
+
+
+TSDSR_PARITY = DATA / "parity" / "tsdsr"
+
+
+class TSDSRCase:
+    def __init__(self, record: dict):
+        self.record = record
+        self.id = record["id"]
+        self.seed = record["seed"]
+        self.lora_dir = TSDSR_PARITY / record["lora_dir"]
+        cases = TSDSR_PARITY / "cases"
+        self.input = load_file(cases / f"{self.id}_input.safetensors")
+        self.latent = load_file(cases / f"{self.id}_latent.safetensors")
+        self.raw = load_file(cases / f"{self.id}_raw.safetensors")["image"]  # [-1, 1]
+        self.colorfix = {m: load_file(cases / f"{self.id}_{m}.safetensors")["result"] for m in ("wavelet", "adain")}
+
+    def png(self, suffix: str) -> Image.Image:
+        return Image.open(TSDSR_PARITY / "cases" / f"{self.id}_{suffix}.png")
+
+    def generator(self) -> torch.Generator:
+        return torch.Generator().manual_seed(self.seed)
+
+
+def tsdsr_cases() -> list[TSDSRCase]:
+    return [TSDSRCase(r) for r in json.loads((TSDSR_PARITY / "cases.json").read_text())["cases"]]

@@ -60,4 +60,4 @@ def test_unknown_method_is_a_clear_error():
     with pytest.raises(ValueError, match="color_fix must be one of"):
         apply_color_fix("histogram", x, x)
     with pytest.raises(ValueError, match="same shape"):
-        adain_color_fix(x, torch.zeros(1, 3, 4, 5))
+        wavelet_color_fix(x, torch.zeros(1, 3, 4, 5))

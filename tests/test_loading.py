@@ -82,7 +82,7 @@ def test_truncated_and_missing_files_name_the_file(tmp_path):
         load_pipeline(BASE, truncated)
     with pytest.raises(CheckpointError, match="weight file not found"):
         load_pipeline(BASE, tmp_path / "nope.pkl")
-    with pytest.raises(CheckpointError, match="is a folder; expected a weight file"):
+    with pytest.raises(CheckpointError, match="a weights folder must hold the TSD-SR LoRA files"):
         load_pipeline(BASE, tmp_path)
     (tmp_path / "notes.txt").write_text("hello")
     with pytest.raises(CheckpointError, match="unknown file type '.txt'"):
