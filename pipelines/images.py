@@ -143,6 +143,13 @@ def _from_float_hwc(arr: np.ndarray) -> LQImage:
         arr = arr[..., :-1]
     if arr.shape[-1] == 1:
         arr = np.repeat(arr, 3, axis=-1)
+    levels = arr * 255
+    rounded = np.round(levels)
+    if np.abs(levels - rounded).max() < 1e-3:
+        # 8-bit data in float form (e.g. a ComfyUI IMAGE from LoadImage): keep the 8-bit path, so the
+        # upsampled model input is bit-identical to what the official code computes from the file
+        pil = PIL.Image.fromarray(rounded.astype(np.uint8), "RGB")
+        return LQImage(rgb=_hwc_to_nchw(rounded.astype(np.float32) / 255), alpha=alpha, pil_rgb=pil)
     return LQImage(rgb=_hwc_to_nchw(arr), alpha=alpha)
 
 

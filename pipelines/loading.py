@@ -70,7 +70,10 @@ def load_sd_base(
     base = Path(base)
     if base.is_dir():
         if not (base / "unet").is_dir() or not (base / "vae").is_dir():
-            raise CheckpointError(f"{base}: not a diffusers model folder (expected unet/ and vae/ subfolders)")
+            what = "an SD3 folder (transformer/)" if (base / "transformer").is_dir() else "not a diffusers model folder"
+            raise CheckpointError(
+                f"{base}: {what}; these weights need an SD2.1-base diffusers folder (unet/ and vae/ subfolders)"
+            )
         kw = {"local_files_only": True}
         # loading straight into the target dtype keeps peak memory at one copy of the weights
         components = {

@@ -89,7 +89,7 @@ def test_truncated_and_missing_files_name_the_file(tmp_path):
         load_pipeline(BASE, tmp_path / "notes.txt")
     with pytest.raises(CheckpointError, match="base model not found"):
         load_pipeline(tmp_path / "missing-base", WEIGHTS)
-    with pytest.raises(CheckpointError, match="not a diffusers model folder"):
+    with pytest.raises(CheckpointError, match="not a diffusers model folder; these weights need an SD2.1-base"):
         load_pipeline(tmp_path, WEIGHTS)
 
 

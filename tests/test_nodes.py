@@ -1,0 +1,256 @@
+"""ComfyUI nodes without ComfyUI: schemas, execute functions, workflows, bad inputs (tests/comfy_harness.py)."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import comfy_harness
+from helpers import OSEDIFF_PARITY, TSDSR_PARITY
+from workflow_tools import WORKFLOWS, build, ui_to_api, workflow_graphs
+
+
+@pytest.fixture(scope="module")
+def comfy(tmp_path_factory):
+    """Models under the file names the workflows expect, an input image, and the stub ComfyUI modules."""
+    root = tmp_path_factory.mktemp("comfy")
+    models = root / "models"
+    shutil.copytree(OSEDIFF_PARITY / "tiny-sd21", models / "diffusers" / "stable-diffusion-2-1-base")
+    shutil.copytree(TSDSR_PARITY / "tiny-sd3", models / "diffusers" / "stable-diffusion-3-medium-diffusers")
+    (models / "onestep_sr" / "tsdsr").mkdir(parents=True)
+    shutil.copy(OSEDIFF_PARITY / "osediff_tiny.pkl", models / "onestep_sr" / "osediff.pkl")
+    for f in ("lora/transformer.safetensors", "lora/vae.safetensors", "embeddings/prompt_embeds.pt", "embeddings/pool_embeds.pt"):
+        shutil.copy(TSDSR_PARITY / f, models / "onestep_sr" / "tsdsr")
+    (models / "checkpoints").mkdir()
+    inputs = root / "input"
+    inputs.mkdir()
+    shutil.copy(OSEDIFF_PARITY / "cases" / "s1_cat_32x24" / "lr.png", inputs / "example.png")
+    state = comfy_harness.install(models, inputs)
+    from onestep_sr.nodes import comfy_env
+
+    comfy_env.register_model_folder()
+    yield {"models": models, "input": inputs, "state": state}
+    comfy_harness.uninstall()
+
+
+@pytest.fixture(scope="module")
+def nodes(comfy):
+    from onestep_sr.nodes.v1 import NODE_CLASS_MAPPINGS
+
+    return {name: cls() for name, cls in NODE_CLASS_MAPPINGS.items()}
+
+
+@pytest.fixture(scope="module")
+def osediff_node_pipe(nodes):
+    (sr,) = nodes["OneStepSRModelLoader"].run(base="stable-diffusion-2-1-base", weights="osediff.pkl", dtype="fp32",
+                                              device="cpu", fuse_lora=True)
+    return sr
+
+
+def image_batch(n=1, h=12, w=10, c=3, seed=0):
+    return torch.rand(n, h, w, c, generator=torch.Generator().manual_seed(seed))
+
+
+def test_schemas_have_ids_categories_and_tooltips(comfy):
+    from onestep_sr.nodes.specs import CATEGORY
+    from onestep_sr.nodes.v1 import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+
+    assert set(NODE_CLASS_MAPPINGS) == {"OneStepSRModelLoader", "OneStepSRPrompt", "OneStepSRUpscale",
+                                        "OneStepSRTileSplit", "OneStepSRTileStitch"}
+    for name, cls in NODE_CLASS_MAPPINGS.items():
+        assert cls.CATEGORY == CATEGORY and NODE_DISPLAY_NAME_MAPPINGS[name] and cls.DESCRIPTION
+        types = cls.INPUT_TYPES()
+        for section in ("required", "optional"):
+            for input_name, (kind, options) in types[section].items():
+                assert options.get("tooltip"), f"{name}.{input_name} has no tooltip"
+        assert len(cls.OUTPUT_TOOLTIPS) == len(cls.RETURN_TYPES)
+    loader = NODE_CLASS_MAPPINGS["OneStepSRModelLoader"].INPUT_TYPES()["required"]
+    assert loader["base"][0] == ["stable-diffusion-2-1-base", "stable-diffusion-3-medium-diffusers"]
+    assert loader["weights"][0] == ["tsdsr", "osediff.pkl"]
+
+
+def test_model_folder_is_merged_not_overwritten(comfy):
+    import folder_paths
+
+    from onestep_sr.nodes import comfy_env
+
+    folder_paths.folder_names_and_paths["onestep_sr"] = (["/from/extra_model_paths"], {".custom"})
+    comfy_env.register_model_folder()
+    paths, exts = folder_paths.folder_names_and_paths["onestep_sr"]
+    assert paths[0] == "/from/extra_model_paths" and paths[1].endswith("onestep_sr")
+    assert {".custom", ".pkl", ".safetensors"} <= exts
+    comfy_env.register_model_folder()  # idempotent
+    assert folder_paths.folder_names_and_paths["onestep_sr"][0] == paths
+
+
+def test_upscale_node_gives_the_library_result(nodes, osediff_node_pipe):
+    from onestep_sr import load_pipeline
+
+    image = image_batch(2, 12, 10)
+    (out,) = nodes["OneStepSRUpscale"].run(sr_model=osediff_node_pipe, image=image, upscale=2, color_fix="auto",
+                                           tile_size=0, tile_overlap=-1, vae_tile_size=0, seed=3, latent_sampling="sample")
+    assert out.shape == (2, 24, 20, 3)
+    pipe = load_pipeline(OSEDIFF_PARITY / "tiny-sd21", OSEDIFF_PARITY / "osediff_tiny.pkl")
+    pipe.set_progress_bar_config(disable=True)
+    for i in range(2):
+        expected = pipe(image[i].permute(2, 0, 1), upscale=2, latent_sampling="sample",
+                        generator=torch.Generator().manual_seed(3 + i), output_type="pt").images[0]
+        torch.testing.assert_close(out[i], expected.permute(1, 2, 0), atol=1e-6, rtol=0)
+
+
+def test_progress_and_cancel(comfy, nodes, osediff_node_pipe):
+    state = comfy["state"]
+    state.progress.clear()
+    kwargs = dict(sr_model=osediff_node_pipe, upscale=2, color_fix="none", tile_size=16, tile_overlap=8,
+                  vae_tile_size=0, seed=0, latent_sampling="mode")
+    nodes["OneStepSRUpscale"].run(image=image_batch(2, 24, 24), **kwargs)
+    values = [v for v, _ in state.progress]
+    assert values == sorted(values) and state.progress[-1][0] == state.progress[-1][1]
+    from onestep_sr.pipelines.tiling import tile_regions
+
+    # encode + latent tiles (24x24 image x2 -> 48x48 -> 24x24 latent on the tiny VAE; tile 16, overlap 8) + decode
+    per_image = 2 + len(list(tile_regions(24, 24, 16, 8)))
+    assert state.progress[-1][1] == 2 * per_image
+    state.progress.clear()
+    state.interrupt_after = 3
+    try:
+        with pytest.raises(comfy_harness.Interrupted):
+            nodes["OneStepSRUpscale"].run(image=image_batch(2, 24, 24), **kwargs)
+    finally:
+        state.interrupt_after = None
+    assert len(state.progress) == 3  # stopped between tiles
+
+
+def test_rgba_grayscale_and_tiny_images(nodes, osediff_node_pipe):
+    kwargs = dict(sr_model=osediff_node_pipe, upscale=4, color_fix="auto", tile_size=0, tile_overlap=-1,
+                  vae_tile_size=0, seed=0, latent_sampling="mode")
+    rgba = image_batch(1, 8, 6, 4)
+    rgba[..., 3] = 0.25
+    (out,) = nodes["OneStepSRUpscale"].run(image=rgba, **kwargs)
+    assert out.shape == (1, 32, 24, 4) and torch.allclose(out[..., 3], torch.tensor(0.25))
+    (rgb_out,) = nodes["OneStepSRUpscale"].run(image=rgba[..., :3].contiguous(), **kwargs)
+    assert torch.equal(out[..., :3], rgb_out)
+    gray = image_batch(1, 8, 6, 1)
+    (gray_out,) = nodes["OneStepSRUpscale"].run(image=gray, **kwargs)
+    (as_rgb,) = nodes["OneStepSRUpscale"].run(image=gray.expand(-1, -1, -1, 3).contiguous(), **kwargs)
+    assert gray_out.shape == (1, 32, 24, 3) and torch.equal(gray_out, as_rgb)
+    (one,) = nodes["OneStepSRUpscale"].run(image=image_batch(1, 1, 1), **kwargs)
+    assert one.shape == (1, 4, 4, 3)
+
+
+@pytest.mark.parametrize("bad,message", [
+    (torch.zeros(0, 8, 8, 3), "batch is empty"),
+    (torch.zeros(1, 8, 8), "looks like a MASK"),
+    (torch.zeros(1, 3, 8, 8), "expected an IMAGE"),
+    ("not an image", "expected an IMAGE tensor"),
+])
+def test_bad_images_are_clear_node_errors(nodes, osediff_node_pipe, bad, message):
+    with pytest.raises(ValueError, match=message):
+        nodes["OneStepSRUpscale"].run(sr_model=osediff_node_pipe, image=bad, upscale=4, color_fix="auto", tile_size=0,
+                                      tile_overlap=-1, vae_tile_size=0, seed=0, latent_sampling="mode")
+
+
+def test_missing_or_incompatible_weights_are_clear_errors(comfy, nodes):
+    from onestep_sr import CheckpointError
+
+    loader = nodes["OneStepSRModelLoader"]
+    with pytest.raises(FileNotFoundError, match="SR weights 'nope.pkl' not found in models/onestep_sr"):
+        loader.run(base="stable-diffusion-2-1-base", weights="nope.pkl", dtype="fp32", device="cpu", fuse_lora=True)
+    with pytest.raises(CheckpointError, match="not an SD3 diffusers folder"):
+        loader.run(base="stable-diffusion-2-1-base", weights="tsdsr", dtype="fp32", device="cpu", fuse_lora=True)
+    with pytest.raises(CheckpointError, match="an SD3 folder .* need an SD2.1-base diffusers folder"):
+        loader.run(base="stable-diffusion-3-medium-diffusers", weights="osediff.pkl", dtype="fp32", device="cpu",
+                   fuse_lora=True)
+
+
+def test_prompt_node(nodes, osediff_node_pipe):
+    from onestep_sr.nodes.specs import PromptSpec
+
+    prompt = nodes["OneStepSRPrompt"]
+    assert prompt.run(mode="text", text="a cat") == (PromptSpec("text", "a cat"),)
+    assert prompt.run(mode="model default", text="", text_input="from a captioner") == (PromptSpec("text", "from a captioner"),)
+    image = image_batch(1, 8, 8)
+    kwargs = dict(sr_model=osediff_node_pipe, image=image, upscale=1, color_fix="none", tile_size=0, tile_overlap=-1,
+                  vae_tile_size=0, seed=0, latent_sampling="mode")
+    (with_text,) = nodes["OneStepSRUpscale"].run(prompt=PromptSpec("text", "a photo of a cat, "), **kwargs)
+    expected = osediff_node_pipe.pipe(image[0].permute(2, 0, 1), prompt="a photo of a cat, ", upscale=1,
+                                      color_fix="none", output_type="pt").images[0].permute(1, 2, 0)
+    torch.testing.assert_close(with_text[0], expected, atol=1e-6, rtol=0)
+
+
+def test_tsdsr_through_the_nodes(nodes):
+    from onestep_sr.nodes.specs import PromptSpec
+
+    (sr,) = nodes["OneStepSRModelLoader"].run(base="stable-diffusion-3-medium-diffusers", weights="tsdsr", dtype="fp32",
+                                              device="cpu", fuse_lora=True)
+    assert sr.method == "TSD-SR"
+    kwargs = dict(sr_model=sr, image=image_batch(1, 8, 8), upscale=2, color_fix="auto", tile_size=0, tile_overlap=-1,
+                  vae_tile_size=0, seed=0, latent_sampling="mode")
+    (out,) = nodes["OneStepSRUpscale"].run(**kwargs)
+    assert out.shape == (1, 16, 16, 3)
+    with pytest.raises(ValueError, match="no text encoder"):
+        nodes["OneStepSRUpscale"].run(prompt=PromptSpec("text", "a cat"), **kwargs)
+    with pytest.raises(ValueError, match="use the prompt mode 'model default'"):
+        nodes["OneStepSRUpscale"].run(prompt=PromptSpec("none"), **kwargs)
+
+
+@pytest.mark.parametrize("size,tile,overlap", [((37, 53), 16, 6), ((8, 8), 16, 4), ((100, 31), 32, 31)])
+def test_stitch_of_split_is_exact(nodes, size, tile, overlap):
+    image = image_batch(2, *size)
+    tiles, layout = nodes["OneStepSRTileSplit"].run(image=image, tile_size=tile, overlap=overlap)
+    assert tiles.shape[1:3] == (min(tile, size[0]), min(tile, size[1]))
+    (back,) = nodes["OneStepSRTileStitch"].run(tiles=tiles, layout=layout)
+    assert torch.equal(back, image)
+    # tiles scaled by an integer factor in between: a nearest x3 of each tile stitches to the nearest x3 image
+    scaled = tiles.repeat_interleave(3, dim=1).repeat_interleave(3, dim=2)
+    (big,) = nodes["OneStepSRTileStitch"].run(tiles=scaled, layout=layout)
+    assert torch.equal(big, image.repeat_interleave(3, dim=1).repeat_interleave(3, dim=2))
+
+
+def test_stitch_rejects_mismatched_tiles(nodes):
+    tiles, layout = nodes["OneStepSRTileSplit"].run(image=image_batch(1, 40, 40), tile_size=16, overlap=4)
+    with pytest.raises(ValueError, match="expected 9 tiles"):
+        nodes["OneStepSRTileStitch"].run(tiles=tiles[:5], layout=layout)
+    with pytest.raises(ValueError, match="same integer factor"):
+        nodes["OneStepSRTileStitch"].run(tiles=torch.nn.functional.interpolate(
+            tiles.movedim(-1, 1), size=(24, 24)).movedim(1, -1), layout=layout)
+
+
+# ---------------------------------------------------------------------------- workflows
+
+
+@pytest.mark.parametrize("name", sorted(workflow_graphs()))
+def test_ui_workflow_is_its_api_twin(name):
+    ui = json.loads((WORKFLOWS / f"{name}.json").read_text())
+    api = json.loads((WORKFLOWS / "api" / f"{name}.json").read_text())
+    assert ui_to_api(ui) == {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in api.items()}
+    assert ui["version"] == 0.4 and all("pos" in n and "widgets_values" in n for n in ui["nodes"])
+    # the committed files are what the generator writes (no hand edits drifting from the node specs)
+    assert (ui, api) == build(workflow_graphs()[name])
+
+
+@pytest.mark.parametrize("name", sorted(workflow_graphs()))
+def test_api_workflows_run_end_to_end(comfy, name):
+    api = json.loads((WORKFLOWS / "api" / f"{name}.json").read_text())
+    if name == "split_process_stitch":  # the 32x24 test image needs smaller tiles to really be split
+        split = next(n for n in api.values() if n["class_type"] == "OneStepSRTileSplit")
+        split["inputs"].update(tile_size=16, overlap=8)
+    saved = comfy_harness.run_workflow(api, comfy["input"])
+    (images,) = saved.values()
+    lr = np.asarray(Image.open(comfy["input"] / "example.png"))
+    assert images[0].shape == (lr.shape[0] * 4, lr.shape[1] * 4, 3)
+    assert torch.isfinite(images[0]).all() and 0 <= images[0].min() and images[0].max() <= 1
+    # values: the graph gives what the library gives for the same settings (auto dtype, official colour fix)
+    from onestep_sr import load_pipeline
+
+    if name in ("osediff_upscale", "large_image_tiled"):
+        upscale = next(n for n in api.values() if n["class_type"] == "OneStepSRUpscale")["inputs"]
+        pipe = load_pipeline(OSEDIFF_PARITY / "tiny-sd21", OSEDIFF_PARITY / "osediff_tiny.pkl", dtype="auto")
+        pipe.set_progress_bar_config(disable=True)
+        expected = pipe(Image.open(comfy["input"] / "example.png"), output_type="pt",
+                        tile_size=upscale["tile_size"] or "auto", tile_overlap=max(upscale["tile_overlap"], 0) if upscale["tile_overlap"] >= 0 else "auto",
+                        vae_tile_size=upscale["vae_tile_size"] or "auto").images[0]
+        torch.testing.assert_close(images[0], expected.permute(1, 2, 0), atol=1e-6, rtol=0)
