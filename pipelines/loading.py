@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -98,10 +99,11 @@ def _load_sd_single_file(path: Path, config: Path, dtype: torch.dtype) -> dict[s
 
     _check_single_file_is_sd2(path)
     try:
-        pipe = StableDiffusionPipeline.from_single_file(
-            str(path), config=str(config), local_files_only=True, safety_checker=None, requires_safety_checker=False,
-            torch_dtype=dtype,
-        )
+        with quiet_diffusers():
+            pipe = StableDiffusionPipeline.from_single_file(
+                str(path), config=str(config), local_files_only=True, safety_checker=None,
+                requires_safety_checker=False, torch_dtype=dtype,
+            )
     except (OSError, ValueError, KeyError, RuntimeError) as err:
         raise CheckpointError(f"{path}: could not be read as an SD2.1 checkpoint: {err}") from err
     return {
@@ -150,9 +152,12 @@ def load_sd3_base(
         if not any(k.startswith("model.diffusion_model.joint_blocks.") for k in keys):
             raise CheckpointError(f"{base}: not an SD3 checkpoint (no model.diffusion_model.joint_blocks.* keys)")
         try:
+            with quiet_diffusers():
+                transformer = SD3Transformer2DModel.from_single_file(str(base), config=str(config), subfolder="transformer", **kw)
+                vae = AutoencoderKL.from_single_file(str(base), config=str(config), subfolder="vae", **kw)
             return {
-                "transformer": SD3Transformer2DModel.from_single_file(str(base), config=str(config), subfolder="transformer", **kw),
-                "vae": AutoencoderKL.from_single_file(str(base), config=str(config), subfolder="vae", **kw),
+                "transformer": transformer,
+                "vae": vae,
                 "scheduler": FlowMatchEulerDiscreteScheduler.from_pretrained(config, subfolder="scheduler", local_files_only=True),
             }
         except (OSError, ValueError, KeyError, RuntimeError) as err:
@@ -282,22 +287,28 @@ def _build_tsdsr(base, found, dtype, fuse_lora, base_config, embeddings):
                                 timestep=1000.0, use_shift_factor=False)
 
 
-def prepare_for_inference(pipe, device: torch.device, dtype: torch.dtype):
-    """Eval mode, device, dtype, and channels-last convolution weights (measured faster: see README)."""
+@contextmanager
+def quiet_diffusers():
+    """diffusers warns about "modules to keep in float32" on every cast, even when that list is empty."""
     from diffusers.utils import logging as diffusers_logging
 
+    previous = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        diffusers_logging.set_verbosity(previous)
+
+
+def prepare_for_inference(pipe, device: torch.device, dtype: torch.dtype):
+    """Eval mode, device, dtype, and channels-last convolution weights (measured faster: see README)."""
     for name in ("unet", "transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
         module = getattr(pipe, name, None)
         if module is not None:
             module.eval()
     pipe.to(device)
-    # diffusers warns about "modules to keep in float32" even when that list is empty
-    previous = diffusers_logging.get_verbosity()
-    diffusers_logging.set_verbosity_error()
-    try:
-        pipe.to(dtype=dtype)  # the text encoder, and anything loaded in another dtype
-    finally:
-        diffusers_logging.set_verbosity(previous)
+    with quiet_diffusers():
+        pipe.to(dtype=dtype)  # the text encoders, and anything loaded in another dtype
     for name in ("unet", "transformer", "vae"):
         module = getattr(pipe, name, None)
         if module is not None:

@@ -117,3 +117,56 @@ def write_sd2_single_file(base_dir: Path, path: Path) -> Path:
     state = {**unet_to_ldm(unet), **vae_to_ldm(vae), **openclip_to_ldm(text)}
     save_file({k: v.contiguous() for k, v in state.items()}, str(path))
     return path
+
+
+def _swap_halves(t: torch.Tensor) -> torch.Tensor:
+    # SD3 single files store adaLN (shift, scale) where diffusers stores (scale, shift); the swap is its own inverse
+    a, b = t.chunk(2, dim=0)
+    return torch.cat([b, a], dim=0)
+
+
+def sd3_transformer_to_ldm(transformer) -> dict[str, torch.Tensor]:
+    sd = transformer.state_dict()
+    p = "model.diffusion_model."
+    out = {
+        p + "pos_embed": sd["pos_embed.pos_embed"],
+        p + "final_layer.adaLN_modulation.1.weight": _swap_halves(sd["norm_out.linear.weight"]),
+        p + "final_layer.adaLN_modulation.1.bias": _swap_halves(sd["norm_out.linear.bias"]),
+    }
+    renames = {
+        "pos_embed.proj": "x_embedder.proj", "time_text_embed.timestep_embedder.linear_1": "t_embedder.mlp.0",
+        "time_text_embed.timestep_embedder.linear_2": "t_embedder.mlp.2", "context_embedder": "context_embedder",
+        "time_text_embed.text_embedder.linear_1": "y_embedder.mlp.0", "time_text_embed.text_embedder.linear_2": "y_embedder.mlp.2",
+        "proj_out": "final_layer.linear",
+    }
+    for src, dst in renames.items():
+        for kind in ("weight", "bias"):
+            out[f"{p}{dst}.{kind}"] = sd[f"{src}.{kind}"]
+    n = transformer.config.num_layers
+    for i in range(n):
+        b, j = f"transformer_blocks.{i}.", f"{p}joint_blocks.{i}."
+        last = i == n - 1
+        for kind in ("weight", "bias"):
+            out[f"{j}x_block.attn.qkv.{kind}"] = torch.cat([sd[f"{b}attn.to_{x}.{kind}"] for x in "qkv"])
+            out[f"{j}context_block.attn.qkv.{kind}"] = torch.cat([sd[f"{b}attn.add_{x}_proj.{kind}"] for x in "qkv"])
+            out[f"{j}x_block.attn.proj.{kind}"] = sd[f"{b}attn.to_out.0.{kind}"]
+            out[f"{j}x_block.adaLN_modulation.1.{kind}"] = sd[f"{b}norm1.linear.{kind}"]
+            context_mod = sd[f"{b}norm1_context.linear.{kind}"]
+            out[f"{j}context_block.adaLN_modulation.1.{kind}"] = _swap_halves(context_mod) if last else context_mod
+            out[f"{j}x_block.mlp.fc1.{kind}"] = sd[f"{b}ff.net.0.proj.{kind}"]
+            out[f"{j}x_block.mlp.fc2.{kind}"] = sd[f"{b}ff.net.2.{kind}"]
+            if not last:
+                out[f"{j}context_block.attn.proj.{kind}"] = sd[f"{b}attn.to_add_out.{kind}"]
+                out[f"{j}context_block.mlp.fc1.{kind}"] = sd[f"{b}ff_context.net.0.proj.{kind}"]
+                out[f"{j}context_block.mlp.fc2.{kind}"] = sd[f"{b}ff_context.net.2.{kind}"]
+    return out
+
+
+def write_sd3_single_file(base_dir: Path, path: Path) -> Path:
+    from diffusers import AutoencoderKL, SD3Transformer2DModel
+
+    transformer = SD3Transformer2DModel.from_pretrained(base_dir, subfolder="transformer", local_files_only=True)
+    vae = AutoencoderKL.from_pretrained(base_dir, subfolder="vae", local_files_only=True)
+    state = {**sd3_transformer_to_ldm(transformer), **vae_to_ldm(vae)}
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    return path
