@@ -137,3 +137,35 @@ def run_workflow(api: dict, input_dir: Path) -> dict[str, list[torch.Tensor]]:
     for node_id in api:
         evaluate(node_id)
     return saved
+
+
+def install_v3() -> types.ModuleType:
+    """A minimal `comfy_api.latest` (io, ComfyExtension) recording what the V3 nodes declare."""
+
+    class _IO:
+        def __init__(self, id=None, **kwargs):
+            self.id, self.kwargs = id, kwargs
+
+    def comfy_type(io_type):
+        return type(io_type, (), {"io_type": io_type, "Input": type("Input", (_IO,), {"io_type": io_type}),
+                                  "Output": type("Output", (_IO,), {"io_type": io_type})})
+
+    io = types.SimpleNamespace(
+        Image=comfy_type("IMAGE"), Int=comfy_type("INT"), Boolean=comfy_type("BOOLEAN"), String=comfy_type("STRING"),
+        Combo=comfy_type("COMBO"), Custom=comfy_type,
+        Schema=lambda **kwargs: types.SimpleNamespace(**kwargs),
+        ComfyNode=type("ComfyNode", (), {}),
+        NodeOutput=lambda *args: types.SimpleNamespace(args=args),
+    )
+    latest = types.ModuleType("comfy_api.latest")
+    latest.io = io
+    latest.ComfyExtension = type("ComfyExtension", (), {})
+    package = types.ModuleType("comfy_api")
+    package.latest = latest
+    sys.modules.update({"comfy_api": package, "comfy_api.latest": latest})
+    return latest
+
+
+def uninstall_v3() -> None:
+    for name in ("comfy_api", "comfy_api.latest", "onestep_sr.nodes.v3"):
+        sys.modules.pop(name, None)
