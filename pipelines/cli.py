@@ -91,18 +91,18 @@ def main(argv: list[str] | None = None) -> int:
     return _upscale(args)
 
 
-def _resolve_model_paths(args) -> tuple[Path, Path]:
+def _model_paths_or_message(args) -> tuple[Path, Path, str | None]:
+    """The base and weights paths (defaults under $ONESTEP_SR_MODELS), and what to say if they are missing."""
     base = args.base or DEFAULT_MODELS_DIR / DEFAULT_BASE
     weights = args.weights or DEFAULT_MODELS_DIR / DEFAULT_WEIGHTS
-    return base, weights
+    return base, weights, missing_weights_message(base, weights)
 
 
 def _convert(args) -> int:
     from .checkpoints import CheckpointError
     from .loading import convert_to_diffusers
 
-    base, weights = _resolve_model_paths(args)
-    message = missing_weights_message(base, weights)
+    base, weights, message = _model_paths_or_message(args)
     if message:
         print(message, file=sys.stderr)
         return 2
@@ -111,7 +111,8 @@ def _convert(args) -> int:
     except CheckpointError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(f"wrote {out} (load it with onestep_sr.OneStepSRPipeline.from_pretrained({str(out)!r}))")
+    print(f"wrote {out} (load it with onestep_sr.OneStepSRPipeline.from_pretrained({str(out)!r}), "
+          "or OneStepSRSD3Pipeline for TSD-SR)")
     return 0
 
 
@@ -134,8 +135,7 @@ def _upscale(args) -> int:
         base = build_tiny_sd_base(Path(demo_dir.name) / "base")
         weights = make_osediff_checkpoint(base, Path(demo_dir.name) / "osediff.pkl")
     else:
-        base, weights = _resolve_model_paths(args)
-        message = missing_weights_message(base, weights)
+        base, weights, message = _model_paths_or_message(args)
         if message:
             print(message, file=sys.stderr)
             return 2

@@ -67,3 +67,23 @@ class TSDSRCase:
 
 def tsdsr_cases() -> list[TSDSRCase]:
     return [TSDSRCase(r) for r in json.loads((TSDSR_PARITY / "cases.json").read_text())["cases"]]
+
+
+def make_comfy_models(root: Path) -> tuple[Path, Path]:
+    """A ComfyUI-style models folder with the tiny models under the file names the workflows expect, and an
+    input folder holding example.png. Returns (models, input)."""
+    import shutil
+
+    models = root / "models"
+    shutil.copytree(OSEDIFF_PARITY / "tiny-sd21", models / "diffusers" / "stable-diffusion-2-1-base")
+    shutil.copytree(TSDSR_PARITY / "tiny-sd3", models / "diffusers" / "stable-diffusion-3-medium-diffusers")
+    (models / "onestep_sr" / "tsdsr").mkdir(parents=True)
+    shutil.copy(OSEDIFF_PARITY / "osediff_tiny.pkl", models / "onestep_sr" / "osediff.pkl")
+    for f in ("lora/transformer.safetensors", "lora/vae.safetensors", "embeddings/prompt_embeds.pt",
+              "embeddings/pool_embeds.pt"):
+        shutil.copy(TSDSR_PARITY / f, models / "onestep_sr" / "tsdsr")
+    (models / "checkpoints").mkdir()
+    inputs = root / "input"
+    inputs.mkdir()
+    shutil.copy(OSEDIFF_PARITY / "cases" / "s1_cat_32x24" / "lr.png", inputs / "example.png")
+    return models, inputs

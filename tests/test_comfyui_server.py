@@ -6,7 +6,6 @@ this one; it must have ComfyUI's requirements and this pack's requirements.txt i
 
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -20,7 +19,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from helpers import OSEDIFF_PARITY, TSDSR_PARITY
+from helpers import make_comfy_models
 from workflow_tools import WORKFLOWS, workflow_graphs
 
 COMFYUI = os.environ.get("COMFYUI_PATH")
@@ -50,18 +49,11 @@ def get(url: str, timeout=10):
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("comfyui")
-    models = root / "models"
-    shutil.copytree(OSEDIFF_PARITY / "tiny-sd21", models / "diffusers" / "stable-diffusion-2-1-base")
-    shutil.copytree(TSDSR_PARITY / "tiny-sd3", models / "diffusers" / "stable-diffusion-3-medium-diffusers")
-    (models / "onestep_sr" / "tsdsr").mkdir(parents=True)
-    shutil.copy(OSEDIFF_PARITY / "osediff_tiny.pkl", models / "onestep_sr" / "osediff.pkl")
-    for f in ("lora/transformer.safetensors", "lora/vae.safetensors", "embeddings/prompt_embeds.pt", "embeddings/pool_embeds.pt"):
-        shutil.copy(TSDSR_PARITY / f, models / "onestep_sr" / "tsdsr")
+    make_comfy_models(root)
     (root / "custom_nodes").mkdir()
     (root / "custom_nodes" / "onestep-sr").symlink_to(REPO, target_is_directory=True)
-    for d in ("input", "output", "user", "temp"):
+    for d in ("output", "user", "temp"):
         (root / d).mkdir()
-    shutil.copy(OSEDIFF_PARITY / "cases" / "s1_cat_32x24" / "lr.png", root / "input" / "example.png")
     (root / "extra_model_paths.yaml").write_text(
         f"onestep_test:\n    base_path: {root}\n    custom_nodes: custom_nodes\n    diffusers: models/diffusers\n"
         f"    onestep_sr: models/onestep_sr\n    checkpoints: models/checkpoints\n"

@@ -1,7 +1,6 @@
 """ComfyUI nodes without ComfyUI: schemas, execute functions, workflows, bad inputs (tests/comfy_harness.py)."""
 
 import json
-import shutil
 
 import numpy as np
 import pytest
@@ -9,25 +8,14 @@ import torch
 from PIL import Image
 
 import comfy_harness
-from helpers import OSEDIFF_PARITY, TSDSR_PARITY
+from helpers import OSEDIFF_PARITY, make_comfy_models
 from workflow_tools import WORKFLOWS, build, ui_to_api, workflow_graphs
 
 
 @pytest.fixture(scope="module")
 def comfy(tmp_path_factory):
     """Models under the file names the workflows expect, an input image, and the stub ComfyUI modules."""
-    root = tmp_path_factory.mktemp("comfy")
-    models = root / "models"
-    shutil.copytree(OSEDIFF_PARITY / "tiny-sd21", models / "diffusers" / "stable-diffusion-2-1-base")
-    shutil.copytree(TSDSR_PARITY / "tiny-sd3", models / "diffusers" / "stable-diffusion-3-medium-diffusers")
-    (models / "onestep_sr" / "tsdsr").mkdir(parents=True)
-    shutil.copy(OSEDIFF_PARITY / "osediff_tiny.pkl", models / "onestep_sr" / "osediff.pkl")
-    for f in ("lora/transformer.safetensors", "lora/vae.safetensors", "embeddings/prompt_embeds.pt", "embeddings/pool_embeds.pt"):
-        shutil.copy(TSDSR_PARITY / f, models / "onestep_sr" / "tsdsr")
-    (models / "checkpoints").mkdir()
-    inputs = root / "input"
-    inputs.mkdir()
-    shutil.copy(OSEDIFF_PARITY / "cases" / "s1_cat_32x24" / "lr.png", inputs / "example.png")
+    models, inputs = make_comfy_models(tmp_path_factory.mktemp("comfy"))
     state = comfy_harness.install(models, inputs)
     from onestep_sr.nodes import comfy_env
 
