@@ -123,7 +123,8 @@ def check_image(image: Any, name: str = "image") -> torch.Tensor:
 
 
 def run_upscale(sr_model: LoadedSR, image: torch.Tensor, upscale: int, color_fix: str, tile_size: int, tile_overlap: int,
-                vae_tile_size: int, seed: int, latent_sampling: str, prompt: PromptSpec | None = None) -> tuple:
+                vae_tile_size: int, seed: int, latent_sampling: str, tile_batch_size: int = 1, blend: str = "gaussian",
+                prompt: PromptSpec | None = None) -> tuple:
     sr = sr_model
     image = check_image(image)
     pipe = sr.pipe
@@ -133,7 +134,8 @@ def run_upscale(sr_model: LoadedSR, image: torch.Tensor, upscale: int, color_fix
     options = dict(
         upscale=upscale, color_fix=None if color_fix == "auto" else color_fix, latent_sampling=latent_sampling,
         tile_size="auto" if tile_size == 0 else tile_size, tile_overlap="auto" if tile_overlap < 0 else tile_overlap,
-        vae_tile_size="auto" if vae_tile_size == 0 else vae_tile_size, output_type="pt",
+        vae_tile_size="auto" if vae_tile_size == 0 else vae_tile_size, tile_batch_size=tile_batch_size,
+        blend=blend, output_type="pt",
     )
     comfy_env.free_memory_for(_modules(pipe), sr.device, WORKSPACE_BYTES)
     pipe.to(sr.device)
@@ -229,6 +231,10 @@ NODES = [
                   max=2**63 - 1, control_after_generate=True),
             Param("latent_sampling", "COMBO", "mode: deterministic; sample: a posterior draw, as the official code.",
                   default="mode", options=["mode", "sample"]),
+            Param("tile_batch_size", "INT", "Denoiser tiles per model call (more is faster on big GPUs, uses more memory).",
+                  default=1, min=1, max=64, step=1),
+            Param("blend", "COMBO", "Weighting of overlapping denoiser tiles: gaussian (as upstream) or linear feather.",
+                  default="gaussian", options=["gaussian", "linear"]),
             Param("prompt", PROMPT_TYPE, "Optional conditioning from One-step SR Prompt (default: model default).",
                   optional=True),
         ],

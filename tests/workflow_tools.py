@@ -118,7 +118,7 @@ def _sr_nodes(base: str, weights: str, upscale_widgets: dict, image_link=(1, 0))
         {"id": 3, "type": "OneStepSRPrompt", "pos": (40, 560), "widgets": {"mode": "model default", "text": ""}},
         {"id": 4, "type": "OneStepSRUpscale", "pos": (420, 100),
          "widgets": {"upscale": 4, "color_fix": "auto", "tile_size": 0, "tile_overlap": -1, "vae_tile_size": 0,
-                     "seed": 0, "latent_sampling": "mode"} | upscale_widgets,
+                     "seed": 0, "latent_sampling": "mode", "tile_batch_size": 1, "blend": "gaussian"} | upscale_widgets,
          "links": {"sr_model": (2, 0), "image": image_link, "prompt": (3, 0)}},
     ]
 
