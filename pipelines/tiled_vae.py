@@ -9,9 +9,11 @@ normalisation and attention is computed tile by tile ("streamed"):
   untiled convolution (no seams, no receptive-field padding needed);
 - GroupNorm statistics are accumulated over the whole feature map first (exact, float64 sums),
   then each tile is normalised with them on the fly, fused into the next convolution;
-- the mid-block self-attention is global while the feature map has at most
-  `(attention tile + 2 * pad)^2` tokens, else per tile with `pad` tokens of context on every
-  side (the only approximation, measured in tests/benchmarks).
+- the mid-block self-attention is global (PyTorch SDPA keeps its memory linear in the tokens)
+  while the feature map has at most `global_attention_tokens` tokens (256^2: a 2048x2048 image
+  for SD's 8x VAE), else per tile with `attention_pad` tokens of context on every side, the only
+  approximation (measured in tests/benchmarks). Padded attention tiles cost as much as global
+  attention unless the pad is small next to the tile, hence the generous global limit.
 Peak memory: a few feature maps (the block input, one intermediate, the output) plus one tile's
 workspace, instead of every intermediate of the untiled graph at once.
 """
@@ -37,11 +39,13 @@ def tiles(height: int, width: int, size: int) -> Iterator[Region]:
 class StreamedVAE:
     """Streamed forward passes of a diffusers AutoencoderKL (SD-style Encoder/Decoder)."""
 
-    def __init__(self, vae, tile_size: int, attention_tile: int, attention_pad: int, per_tile_stats: bool = False):
+    def __init__(self, vae, tile_size: int, attention_tile: int, attention_pad: int,
+                 global_attention_tokens: int = 0, per_tile_stats: bool = False):
         self.vae = vae
         self.tile = max(8, int(tile_size))
         self.attention_tile = max(1, int(attention_tile))
         self.attention_pad = max(0, int(attention_pad))
+        self.global_attention_tokens = int(global_attention_tokens)
         # Only for tests that document why global statistics are needed; never used in production.
         self.per_tile_stats = per_tile_stats
 
@@ -106,8 +110,8 @@ class StreamedVAE:
         height, width = x.shape[-2:]
         core, pad = self.attention_tile, self.attention_pad
         normalize = self.norm_act(attn.group_norm, None, x)
-        if height <= core + 2 * pad and width <= core + 2 * pad:
-            core, pad = max(height, width), 0  # small enough: one global attention, exactly as untiled
+        if height * width <= self.global_attention_tokens or (height <= core + 2 * pad and width <= core + 2 * pad):
+            core, pad = max(height, width), 0  # one global attention, exactly as untiled
         out = _empty_map(x, x.shape[1], height, width)
         for r0, r1, c0, c1 in tiles(height, width, core):
             a0, a1, b0, b1 = max(r0 - pad, 0), min(r1 + pad, height), max(c0 - pad, 0), min(c1 + pad, width)
@@ -227,15 +231,15 @@ def _out_channels(conv) -> int:
     return getattr(conv, "base_layer", conv).out_channels
 
 
-def default_attention_tiling(vae_tile_size: int, vae_scale_factor: int) -> tuple[int, int]:
-    """Attention tile core and context pad, in latent pixels, for a given image-pixel tile size."""
-    core = max(8, vae_tile_size // vae_scale_factor)
-    return core, max(4, core // 2)
+# Mid-block attention: global up to 256^2 tokens; beyond, 128^2 tiles with 32 tokens of context
+# (measured in tests/benchmarks/benchmark_tiling.py: see README, "Large images and memory").
+GLOBAL_ATTENTION_TOKENS = 256 * 256
+ATTENTION_TILE, ATTENTION_PAD = 128, 32
 
 
-def streamed_vae(vae, vae_tile_size: int, vae_scale_factor: int) -> StreamedVAE:
-    core, pad = default_attention_tiling(vae_tile_size, vae_scale_factor)
-    return StreamedVAE(vae, tile_size=vae_tile_size, attention_tile=core, attention_pad=pad)
+def streamed_vae(vae, vae_tile_size: int) -> StreamedVAE:
+    return StreamedVAE(vae, tile_size=vae_tile_size, attention_tile=ATTENTION_TILE, attention_pad=ATTENTION_PAD,
+                       global_attention_tokens=GLOBAL_ATTENTION_TOKENS)
 
 
 def needs_streaming(height: int, width: int, vae_tile_size: int | None) -> bool:

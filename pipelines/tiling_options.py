@@ -155,7 +155,7 @@ class TilingOptions:
             try:
                 if not needs_streaming(*image_hw, tile):
                     return untiled(vae)
-                return streamed(streamed_vae(vae, tile, self.vae_scale_factor))
+                return streamed(streamed_vae(vae, tile))
             except (RuntimeError, torch.OutOfMemoryError) as err:
                 if not is_out_of_memory(err):
                     raise

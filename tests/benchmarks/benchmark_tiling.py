@@ -111,20 +111,24 @@ def vae_quality(out_side: int, vae_tile_size: int) -> dict:
     from diffusers import AutoencoderKL
 
     from onestep_sr.pipelines.loading import SD21_BASE_CONFIG
-    from onestep_sr.pipelines.tiled_vae import streamed_vae
+    from onestep_sr.pipelines.tiled_vae import ATTENTION_PAD, ATTENTION_TILE, StreamedVAE, streamed_vae
 
     torch.set_num_threads(os.cpu_count() or 1)
     torch.manual_seed(0)
     vae = AutoencoderKL.from_config(AutoencoderKL.load_config(SD21_BASE_CONFIG / "vae")).eval()
     y, x = torch.meshgrid(torch.linspace(0, 8, out_side), torch.linspace(0, 8, out_side), indexing="ij")
     image = torch.stack([torch.sin(x), torch.cos(y), torch.sin(x + y)])[None] * 0.8
-    streamed = streamed_vae(vae, vae_tile_size, 8)
+    streamed = streamed_vae(vae, vae_tile_size)
+    # what images beyond the global-attention limit get: attention in tiles with context, forced here
+    tiled_attention = StreamedVAE(vae, vae_tile_size, ATTENTION_TILE, ATTENTION_PAD, global_attention_tokens=0)
     with torch.no_grad():
         ref_post = vae.encode(image).latent_dist
         ref = vae.decode(ref_post.mean).sample
         s_post = streamed.encode(image)
         s = streamed.decode(s_post.mean)
         s_dec_only = streamed.decode(ref_post.mean)
+        t_post = tiled_attention.encode(image)
+        t_dec_only = tiled_attention.decode(ref_post.mean)
 
     def psnr(a, b):
         mse = ((a.double() - b.double()) ** 2).mean().item()
@@ -132,7 +136,9 @@ def vae_quality(out_side: int, vae_tile_size: int) -> dict:
         return round(10 * math.log10(peak * peak / mse), 2) if mse > 0 else float("inf")
 
     return {"output": out_side, "vae_tile": vae_tile_size, "psnr_latent_db": psnr(s_post.mean, ref_post.mean),
-            "psnr_decode_db": psnr(s_dec_only, ref), "psnr_roundtrip_db": psnr(s, ref)}
+            "psnr_decode_db": psnr(s_dec_only, ref), "psnr_roundtrip_db": psnr(s, ref),
+            f"tiled_attention_{ATTENTION_TILE}_pad_{ATTENTION_PAD}": {
+                "psnr_latent_db": psnr(t_post.mean, ref_post.mean), "psnr_decode_db": psnr(t_dec_only, ref)}}
 
 
 def main() -> int:
@@ -140,7 +146,7 @@ def main() -> int:
     parser.add_argument("--sizes", default="512,1024,2048", help="output sides to run")
     parser.add_argument("--baseline-sizes", default="512,1024",
                         help="output sides for the fp32 untiled baseline (2048 needs >24 GiB untiled fp32 on CPU)")
-    parser.add_argument("--quality-sizes", default="1024", help="output sides for the VAE tiling PSNR check")
+    parser.add_argument("--quality-sizes", default="2048", help="output sides for the VAE tiling PSNR check")
     parser.add_argument("--out", type=Path, default=Path("bench_out"))
     parser.add_argument("--_child", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--_quality", nargs=2, help=argparse.SUPPRESS)
