@@ -16,6 +16,9 @@ logger = logging.getLogger(__name__)
 DEFAULT_VAE_TILE_SIZE = 512
 MIN_VAE_TILE_SIZE = 64
 AUTO_TILE_CANDIDATES = (128, 96, 64, 48, 32)
+# "auto" runs a latent up to this size in one piece (when memory allows): one pass costs less than
+# overlapping tiles at these sizes, and the result is exactly the untiled one.
+AUTO_SINGLE_TILE_MAX = 128
 # Working memory of one denoiser tile, per latent pixel and per channel of the UNet's first block,
 # in bytes per element of its dtype. Calibrated on SD2.1-base (320 channels): peak RSS growth at
 # 96x96 latents was ~2.2 GB in bf16 (tests/benchmarks/benchmark_tiling.py) -> 2.2e9 / (96*96*320*2) ~= 37.
@@ -105,6 +108,9 @@ class TilingOptions:
         if self.auto_tile:
             budget = available_memory(self.device) // 2  # leave room for the VAE maps and the rest of the process
             # the method's own default (its official tiling) unless free memory asks for smaller tiles
+            single = max(latent_hw)
+            if single <= AUTO_SINGLE_TILE_MAX and self.denoiser_bytes(single, self.tile_batch_size) <= budget:
+                return None
             candidates = [t for t in AUTO_TILE_CANDIDATES if t <= self.default_tile]
             tile = next((t for t in candidates if self.denoiser_bytes(t, self.tile_batch_size) <= budget), candidates[-1])
         else:
@@ -118,8 +124,8 @@ class TilingOptions:
 
     def work_units(self, pipe, lq_hw: tuple[int, int], upscale: int) -> int:
         """Progress steps for one image: encode + each denoiser tile + decode."""
-        f = pipe.vae_scale_factor
-        latent_hw = (-(-lq_hw[0] * upscale // f), -(-lq_hw[1] * upscale // f))
+        pad, f = pipe.pad_multiple, pipe.vae_scale_factor
+        latent_hw = tuple(-(-side * upscale // pad) * pad // f for side in lq_hw)
         tile = self.tile_for(latent_hw)
         return 2 + (1 if tile is None else count_tiles(*latent_hw, tile, self.overlap_for(tile)))
 
@@ -142,10 +148,12 @@ class TilingOptions:
     # ------------------------------------------------------------------ VAE
 
     def vae_encode(self, vae, image: torch.Tensor):
+        image = image.contiguous(memory_format=torch.channels_last)  # matches the weights: ~10% faster on CPU
         return self._run_vae(vae, image.shape[-2:], lambda v: v.encode(image).latent_dist,
                              lambda s: s.encode(image))
 
     def vae_decode(self, vae, latents: torch.Tensor) -> torch.Tensor:
+        latents = latents.contiguous(memory_format=torch.channels_last)
         size = tuple(n * self.vae_scale_factor for n in latents.shape[-2:])
         return self._run_vae(vae, size, lambda v: v.decode(latents).sample, lambda s: s.decode(latents))
 
