@@ -78,7 +78,9 @@ class StreamedVAE:
             for resnet in block.resnets:
                 x = self.resnet(resnet, x)
             if block.upsamplers is not None:
-                x = self.upsample(block.upsamplers[0], x)
+                x = UpsampledMap(block.upsamplers[0], x)
+                if x.nbytes <= LAZY_UPSAMPLE_BYTES:  # small enough: store it rather than recompute it
+                    x = self.materialize(x)
         return self.conv(dec.conv_out, x, pre=self.norm_act(dec.conv_norm_out, dec.conv_act, x))
 
     # ------------------------------------------------------------------ blocks
@@ -142,16 +144,11 @@ class StreamedVAE:
             out[..., r0:r1, c0:c1] = conv(region)
         return out
 
-    def upsample(self, up, x: torch.Tensor) -> torch.Tensor:
-        """diffusers Upsample2D: nearest x2 then a 3x3 conv, fused per tile so the x2 map is never whole."""
-        height, width = x.shape[-2:]
-        out_h, out_w = 2 * height, 2 * width
-        out = _empty_map(x, _out_channels(up.conv), out_h, out_w)
-        for r0, r1, c0, c1 in tiles(out_h, out_w, self.tile):
-            s0, s1 = max((r0 - 1) // 2, 0), min(r1 // 2 + 1, height)
-            t0, t1 = max((c0 - 1) // 2, 0), min(c1 // 2 + 1, width)
-            region = F.interpolate(x[..., s0:s1, t0:t1], scale_factor=2.0, mode="nearest")
-            out[..., r0:r1, c0:c1] = up.conv(region)[..., r0 - 2 * s0 : r1 - 2 * s0, c0 - 2 * t0 : c1 - 2 * t0]
+
+    def materialize(self, lazy: "UpsampledMap") -> torch.Tensor:
+        out = _empty_map(lazy, lazy.shape[1], *lazy.shape[-2:])
+        for r0, r1, c0, c1 in tiles(*lazy.shape[-2:], self.tile):
+            out[..., r0:r1, c0:c1] = lazy[..., r0:r1, c0:c1]
         return out
 
     # ------------------------------------------------------------------ primitives
@@ -207,6 +204,46 @@ class StreamedVAE:
         return apply
 
 
+class UpsampledMap:
+    """The output of a diffusers Upsample2D (nearest x2, then a 3x3 conv), computed per region on demand.
+
+    The biggest feature maps of the decoder are upsampler outputs (at 2048x2048 the last one is
+    256 channels at full resolution, 2 GiB in bf16). The next resnet reads that map three times
+    (GroupNorm statistics, its first conv, its shortcut), so recomputing those regions from the
+    half-size input costs about two extra upsampler convs and saves the whole map. Regions are
+    computed with their exact halo, so values equal the materialised map's.
+    """
+
+    def __init__(self, up, source: torch.Tensor):
+        self.conv, self.source = up.conv, source
+        n, _, height, width = source.shape
+        self.shape = torch.Size((n, _out_channels(up.conv), 2 * height, 2 * width))
+        self.dtype, self.device = source.dtype, source.device
+        self.nbytes = self.shape.numel() * source.element_size()
+
+    def __getitem__(self, index) -> torch.Tensor:
+        rows, cols = _spatial_slices(index, self.shape)
+        r0, r1, c0, c1 = rows.start, rows.stop, cols.start, cols.stop
+        height, width = self.source.shape[-2:]
+        s0, s1 = max((r0 - 1) // 2, 0), min(r1 // 2 + 1, height)
+        t0, t1 = max((c0 - 1) // 2, 0), min(c1 // 2 + 1, width)
+        region = F.interpolate(self.source[..., s0:s1, t0:t1], scale_factor=2.0, mode="nearest")
+        return self.conv(region)[..., r0 - 2 * s0 : r1 - 2 * s0, c0 - 2 * t0 : c1 - 2 * t0]
+
+
+def _spatial_slices(index, shape) -> tuple[slice, slice]:
+    """(row slice, col slice) of `x[..., r, c]` or `x[:, :, r]` style indices, with bounds filled in."""
+    index = index if isinstance(index, tuple) else (index,)
+    if index and index[0] is Ellipsis:
+        spatial = list(index[1:])
+    else:
+        if any(s != slice(None) for s in index[:2]):
+            raise IndexError("UpsampledMap supports spatial slicing only")
+        spatial = list(index[2:])
+    spatial += [slice(None)] * (2 - len(spatial))
+    return tuple(slice(*s.indices(n)[:2]) for s, n in zip(spatial, shape[-2:]))
+
+
 def group_statistics(x: torch.Tensor, groups: int, eps: float, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-group mean and 1/sqrt(var + eps) over the whole map (batch 1).
 
@@ -235,7 +272,7 @@ def group_statistics(x: torch.Tensor, groups: int, eps: float, rows: int) -> tup
     return mean, torch.rsqrt(m2 / count + eps)
 
 
-def _empty_map(like: torch.Tensor, channels: int, height: int, width: int) -> torch.Tensor:
+def _empty_map(like, channels: int, height: int, width: int) -> torch.Tensor:
     # channels-last, like the conv outputs written into it (the weights are channels-last for speed)
     return torch.empty(like.shape[0], channels, height, width, dtype=like.dtype, device=like.device,
                        memory_format=torch.channels_last)
@@ -248,6 +285,9 @@ def _out_channels(conv) -> int:
 # Mid-block attention: global up to 256^2 tokens; beyond, 128^2 tiles with 32 tokens of context
 # (measured in tests/benchmarks/benchmark_tiling.py: see README, "Large images and memory").
 GLOBAL_ATTENTION_TOKENS = 256 * 256
+# Upsampler outputs above this size are recomputed region by region instead of stored (+2 upsampler
+# convs of time): at 2048x2048 that is only the last one, 2 GiB in bf16; at 1024x1024 none.
+LAZY_UPSAMPLE_BYTES = 1 << 30
 ATTENTION_TILE, ATTENTION_PAD = 128, 32
 
 

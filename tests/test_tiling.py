@@ -77,7 +77,12 @@ def vae_inputs():
 
 
 @pytest.mark.parametrize("tile", [16, 40, 64, 100])
-def test_streamed_vae_equals_untiled_without_attention(vae_inputs, tile):
+@pytest.mark.parametrize("lazy_upsample", [False, True], ids=["stored", "recomputed"])
+def test_streamed_vae_equals_untiled_without_attention(vae_inputs, tile, lazy_upsample, monkeypatch):
+    from onestep_sr.pipelines import tiled_vae
+
+    # large maps are recomputed from the upsampler's input instead of stored; force either path
+    monkeypatch.setattr(tiled_vae, "LAZY_UPSAMPLE_BYTES", -1 if lazy_upsample else 1 << 40)
     vae = tiny_vae(attention=False)
     with torch.no_grad():
         posterior = vae.encode(vae_inputs).latent_dist
