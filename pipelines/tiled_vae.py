@@ -95,7 +95,12 @@ class StreamedVAE:
             region = x[..., r0:r1, c0:c1]
             return region if shortcut is None else shortcut(region)
 
-        out = self.conv(block.conv2, h, pre=self.norm_act(block.norm2, block.nonlinearity, h), residual=residual)
+        # With an identity shortcut each output tile needs x at that tile only, so it can overwrite x
+        # there: one whole feature map less at the largest stages. Callers never reuse a resnet's input.
+        in_place = shortcut is None and isinstance(x, torch.Tensor)
+        out = self.conv(block.conv2, h, pre=self.norm_act(block.norm2, block.nonlinearity, h), residual=residual,
+                        out=x if in_place else None)
+        del h
         if block.output_scale_factor != 1:
             out.div_(block.output_scale_factor)
         return out
@@ -153,19 +158,22 @@ class StreamedVAE:
 
     # ------------------------------------------------------------------ primitives
 
-    def conv(self, conv, x: torch.Tensor, pre: Callable | None = None, residual: Callable | None = None) -> torch.Tensor:
+    def conv(self, conv, x: torch.Tensor, pre: Callable | None = None, residual: Callable | None = None,
+             out: torch.Tensor | None = None) -> torch.Tensor:
         """A stride-1 'same' convolution tile by tile: each tile reads its region plus the kernel's halo.
 
         Zero padding then only happens at the true image border, exactly as in the untiled conv.
         `pre` transforms each input region first (GroupNorm + activation with global statistics);
-        `residual(r0, r1, c0, c1)` is added to each output tile.
+        `residual(r0, r1, c0, c1)` is added to each output tile; `out` may be given (a map that only
+        `residual` reads, at the tile being written).
         """
         base = getattr(conv, "base_layer", conv)  # peft LoRA layers wrap the real conv
         halo = base.padding[0] if isinstance(base.padding, tuple) else int(base.padding)
         if base.stride not in ((1, 1), 1) or base.kernel_size[0] != 2 * halo + 1:
             raise NotImplementedError(f"streamed conv expects a stride-1 'same' conv, got {base}")
         height, width = x.shape[-2:]
-        out = _empty_map(x, _out_channels(conv), height, width)
+        if out is None:
+            out = _empty_map(x, _out_channels(conv), height, width)
         for r0, r1, c0, c1 in tiles(height, width, self.tile):
             a0, a1, b0, b1 = max(r0 - halo, 0), min(r1 + halo, height), max(c0 - halo, 0), min(c1 + halo, width)
             region = x[..., a0:a1, b0:b1]
