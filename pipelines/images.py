@@ -67,7 +67,7 @@ def _from_pil(img: PIL.Image.Image) -> LQImage:
     mode = img.mode
     if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         arr = np.asarray(img)
-        scale = 65535.0 if mode.startswith("I;16") else (1.0 if mode == "F" else 65535.0)
+        scale = 1.0 if mode == "F" else 65535.0  # "I" is how Pillow opens 16-bit PNGs
         return _from_float_hwc(arr.astype(np.float64)[..., None] / scale)
     if mode == "P":
         img = img.convert("RGBA" if "transparency" in img.info else "RGB")

@@ -132,7 +132,10 @@ class StreamedVAE:
             o = attn.to_out[0](o.transpose(1, 2).reshape(n, -1, c))
             o = o.transpose(1, 2).reshape(n, c, th, tw)[..., r0 - a0 : r1 - a0, c0 - b0 : c1 - b0]
             region = out[..., r0:r1, c0:c1]
-            torch.add(o, x[..., r0:r1, c0:c1], out=region) if attn.residual_connection else region.copy_(o)
+            if attn.residual_connection:
+                torch.add(o, x[..., r0:r1, c0:c1], out=region)
+            else:
+                region.copy_(o)
             region.div_(attn.rescale_output_factor)
         return out
 

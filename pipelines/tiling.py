@@ -83,8 +83,8 @@ def run_tiled(
         outputs = model(tiles).float()
         if accum is None:
             accum = torch.zeros(latents.shape[0], outputs.shape[1], height, width, device=latents.device)
+        n = latents.shape[0]
         for j, (r0, r1, c0, c1) in enumerate(batch):
-            n = latents.shape[0]
             accum[..., r0:r1, c0:c1] += outputs[j * n : (j + 1) * n] * weights
             weight_sum[r0:r1, c0:c1] += weights
         if on_tile:

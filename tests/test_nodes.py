@@ -239,6 +239,7 @@ def test_api_workflows_run_end_to_end(comfy, name):
         pipe = load_pipeline(OSEDIFF_PARITY / "tiny-sd21", OSEDIFF_PARITY / "osediff_tiny.pkl", dtype="auto")
         pipe.set_progress_bar_config(disable=True)
         expected = pipe(Image.open(comfy["input"] / "example.png"), output_type="pt",
-                        tile_size=upscale["tile_size"] or "auto", tile_overlap=max(upscale["tile_overlap"], 0) if upscale["tile_overlap"] >= 0 else "auto",
+                        tile_size=upscale["tile_size"] or "auto",
+                        tile_overlap="auto" if upscale["tile_overlap"] < 0 else upscale["tile_overlap"],
                         vae_tile_size=upscale["vae_tile_size"] or "auto").images[0]
         torch.testing.assert_close(images[0], expected.permute(1, 2, 0), atol=1e-6, rtol=0)
