@@ -6,18 +6,44 @@ ComfyUI custom-node pack (nodes are registered only when ComfyUI is present).
 
 from .pipelines import (
     CheckpointError,
+    Conditioning,
     ImageInputError,
+    Method,
+    OneStepSRBase,
     OneStepSRPipeline,
     OneStepSRSD3Pipeline,
     PromptEmbedding,
+    convert_to_diffusers,
+    detect_method,
+    get_method,
+    load_converted,
     load_pipeline,
     prepare_for_inference,
+    register,
+    registered_methods,
 )
 
-__all__ = ["CheckpointError", "ImageInputError", "OneStepSRPipeline", "OneStepSRSD3Pipeline", "PromptEmbedding", "load_pipeline", "prepare_for_inference"]
+__all__ = [
+    "CheckpointError",
+    "Conditioning",
+    "ImageInputError",
+    "Method",
+    "OneStepSRBase",
+    "OneStepSRPipeline",
+    "OneStepSRSD3Pipeline",
+    "PromptEmbedding",
+    "convert_to_diffusers",
+    "detect_method",
+    "get_method",
+    "load_converted",
+    "load_pipeline",
+    "prepare_for_inference",
+    "register",
+    "registered_methods",
+]
 __version__ = "0.1.0"
 
-# Inside ComfyUI this exports the nodes (V3 `comfy_entrypoint`, or V1 mappings on old builds); elsewhere nothing.
+# Inside ComfyUI this exports the V3 `comfy_entrypoint`; elsewhere nothing.
 from .nodes import comfy_registration as _comfy_registration  # noqa: E402
 
 globals().update(_comfy_registration())

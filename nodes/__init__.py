@@ -1,22 +1,29 @@
-"""ComfyUI nodes of onestep-sr: thin wrappers over `pipelines/` (registered only inside ComfyUI)."""
+"""ComfyUI nodes of onestep-sr: thin V3 nodes over `pipelines/` (registered only inside ComfyUI).
+
+Requires a ComfyUI with the V3 node API (`comfy_api.latest`, ComfyUI >= 0.3.48). On an older
+ComfyUI the pack logs one line and registers nothing; outside ComfyUI it registers nothing.
+"""
+
+import logging
+
+MIN_COMFYUI = "0.3.48"
+logger = logging.getLogger("onestep_sr")
 
 
 def comfy_registration() -> dict:
-    """What the pack's __init__ exports to ComfyUI: V3 `comfy_entrypoint`, or V1 mappings on older builds, never both."""
+    """What the pack's __init__ exports to ComfyUI: the V3 `comfy_entrypoint`, or nothing."""
     try:
-        from comfy_api.latest import ComfyExtension, io  # noqa: F401  (ComfyUI >= 0.3.48)
+        from comfy_api.latest import ComfyExtension, io  # noqa: F401
     except ImportError:
         try:
-            import folder_paths  # noqa: F401  (an older ComfyUI)
+            import folder_paths  # noqa: F401  (a ComfyUI without the V3 API)
         except ImportError:
             return {}  # plain library use: no ComfyUI here
-        from . import comfy_env
-        from .v1 import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
-
-        comfy_env.register_model_folder()
-        return {"NODE_CLASS_MAPPINGS": NODE_CLASS_MAPPINGS, "NODE_DISPLAY_NAME_MAPPINGS": NODE_DISPLAY_NAME_MAPPINGS}
+        logger.warning("onestep-sr: this ComfyUI has no V3 node API (comfy_api.latest); update ComfyUI to >= %s "
+                       "to use the one-step SR nodes. No nodes registered.", MIN_COMFYUI)
+        return {}
     from . import comfy_env
-    from .v3 import comfy_entrypoint
+    from .sr_nodes import comfy_entrypoint
 
     comfy_env.register_model_folder()
     return {"comfy_entrypoint": comfy_entrypoint}

@@ -1,6 +1,7 @@
 """The few ComfyUI services the nodes use, imported lazily so the package imports without ComfyUI.
 
-- model folders (`folder_paths`): `models/onestep_sr` for SR weights, `diffusers` / `checkpoints` for bases;
+- model folders (`folder_paths`): `models/onestep_sr` for SR weights (listed as the method registry says),
+  `diffusers` / `checkpoints` for bases;
 - progress and cancellation (`comfy.utils.ProgressBar`, `comfy.model_management`);
 - device placement: models live on ComfyUI's offload device between runs and move to its torch
   device only while a node runs, after asking ComfyUI to free that much memory.
@@ -13,9 +14,10 @@ from typing import Callable
 
 import torch
 
+from ..pipelines.methods import component_files, folder_markers, registered_methods
+from ..pipelines.options import WEIGHT_SUFFIXES
+
 MODEL_FOLDER = "onestep_sr"
-WEIGHT_SUFFIXES = {".pkl", ".pth", ".pt", ".ckpt", ".bin", ".safetensors", ".sft"}
-TSDSR_MARKER = "transformer.safetensors"
 
 
 def _folder_paths():
@@ -32,7 +34,7 @@ def register_model_folder() -> None:
     paths = list(paths)
     if default_dir not in paths:
         paths.append(default_dir)
-    fp.folder_names_and_paths[MODEL_FOLDER] = (paths, set(exts) | set(fp.supported_pt_extensions) | WEIGHT_SUFFIXES)
+    fp.folder_names_and_paths[MODEL_FOLDER] = (paths, set(exts) | set(fp.supported_pt_extensions) | set(WEIGHT_SUFFIXES))
 
 
 def _folders(name: str) -> list[str]:
@@ -43,12 +45,12 @@ def _folders(name: str) -> list[str]:
         return []
 
 
-def _subdirs_with(name: str, marker: str) -> dict[str, str]:
-    """Relative folder name -> path, for folders under the model folder `name` that contain `marker`."""
+def _subdirs_with(name: str, *markers: str) -> dict[str, str]:
+    """Relative folder name -> path, for folders under the model folder `name` that contain one of `markers`."""
     found: dict[str, str] = {}
     for root in _folders(name):
         for current, dirs, files in os.walk(root, followlinks=True):
-            if marker in files and current != root:
+            if current != root and any(m in files for m in markers):
                 found.setdefault(os.path.relpath(current, root).replace(os.sep, "/"), current)
                 dirs[:] = []
     return found
@@ -77,26 +79,43 @@ def resolve_base_model(name: str) -> str:
     )
 
 
+def _weight_folders() -> dict[str, str]:
+    """Weights folders of folder-layout methods (e.g. a TSD-SR folder), found by each method's marker file."""
+    return _subdirs_with(MODEL_FOLDER, *folder_markers())
+
+
 def list_sr_weights() -> list[str]:
-    """Weight files in models/onestep_sr, plus TSD-SR folders (holding transformer.safetensors)."""
+    """Weight files in models/onestep_sr, plus the weights folders of folder-layout methods.
+
+    Files that are parts of such a folder (each method lists its own) are not offered on their own.
+    """
     fp = _folder_paths()
+    parts = component_files()
     files = [f for f in fp.get_filename_list(MODEL_FOLDER)
-             if os.path.splitext(f)[1].lower() in WEIGHT_SUFFIXES and os.path.basename(f) not in
-             ("transformer.safetensors", "vae.safetensors", "prompt_embeds.pt", "pool_embeds.pt", "embeddings.safetensors")]
-    return sorted(_subdirs_with(MODEL_FOLDER, TSDSR_MARKER)) + sorted(files)
+             if os.path.splitext(f)[1].lower() in WEIGHT_SUFFIXES and os.path.basename(f) not in parts]
+    return sorted(_weight_folders()) + sorted(files)
 
 
 def resolve_sr_weights(name: str) -> str:
-    folder = _subdirs_with(MODEL_FOLDER, TSDSR_MARKER).get(name)
+    folder = _weight_folders().get(name)
     if folder:
         return folder
     path = _folder_paths().get_full_path(MODEL_FOLDER, name)
     if path:
         return path
-    raise FileNotFoundError(
-        f"SR weights {name!r} not found in models/{MODEL_FOLDER}/: put osediff.pkl there, or a folder with the "
-        "TSD-SR files (transformer.safetensors, vae.safetensors, prompt_embeds.pt, pool_embeds.pt)"
-    )
+    expected = "; ".join(f"{m.display_name}: {m.default_weights}" for m in registered_methods())
+    raise FileNotFoundError(f"SR weights {name!r} not found in models/{MODEL_FOLDER}/: put them there ({expected})")
+
+
+def preferred_pair(bases: list[str], weights: list[str]) -> tuple[str | None, str | None]:
+    """Default loader choices: the first weights whose method's usual base is also present, and that base."""
+    for method in registered_methods():
+        base_names = (method.base.folder, *method.base.single_files)
+        base = next((b for b in bases if os.path.basename(b.rstrip("/")) in base_names), None)
+        found = next((w for w in weights if os.path.basename(w.rstrip("/")) == method.default_weights), None)
+        if base and found:
+            return base, found
+    return (bases[0] if bases else None), (weights[0] if weights else None)
 
 
 # ---------------------------------------------------------------------------- devices, memory, progress

@@ -1,25 +1,51 @@
-"""Library side of onestep-sr: diffusers pipelines and everything they need (never imports ComfyUI)."""
+"""Library side of onestep-sr: diffusers pipelines and everything they need (never imports ComfyUI).
 
-from .checkpoints import CheckpointError, detect_format, read_weights
+- `methods/`: one module per SR method (detector, expected files, builder) and the registry.
+- `loading/`: safe weight readers, LoRA injection, base models (single files with bundled configs).
+- `models/`: model classes of our own (prompt embedding, SD3 text conditioning).
+- `tiling/`: denoiser tiles, the exact streamed VAE, per-image tile plans, split/stitch.
+- `pipeline_*.py`: the pipelines; `images.py`, `color_fix.py`: input/output and colour helpers.
+"""
+
 from .color_fix import adain_color_fix, apply_color_fix, wavelet_color_fix
 from .images import ImageInputError
-from .loading import load_pipeline, prepare_for_inference, resolve_dtype
+from .loading import CheckpointError, prepare_for_inference, read_weights, resolve_device, resolve_dtype
+from .methods import (
+    Method,
+    convert_to_diffusers,
+    detect_method,
+    get_method,
+    load_converted,
+    load_pipeline,
+    register,
+    registered_methods,
+)
+from .models import PromptEmbedding
+from .pipeline_base import Conditioning, OneStepSRBase
 from .pipeline_onestep_sr import OneStepSRPipeline
 from .pipeline_onestep_sr_sd3 import OneStepSRSD3Pipeline
-from .prompt_embedding import PromptEmbedding
 
 __all__ = [
     "CheckpointError",
+    "Conditioning",
     "ImageInputError",
+    "Method",
+    "OneStepSRBase",
     "OneStepSRPipeline",
     "OneStepSRSD3Pipeline",
     "PromptEmbedding",
     "adain_color_fix",
     "apply_color_fix",
-    "detect_format",
+    "convert_to_diffusers",
+    "detect_method",
+    "get_method",
+    "load_converted",
     "load_pipeline",
     "prepare_for_inference",
     "read_weights",
+    "register",
+    "registered_methods",
+    "resolve_device",
     "resolve_dtype",
     "wavelet_color_fix",
 ]

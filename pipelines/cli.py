@@ -8,10 +8,10 @@ import sys
 import tempfile
 from pathlib import Path
 
+from .options import COLOR_FIX_METHODS, DTYPE_NAMES, LATENT_SAMPLING_MODES
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 DEFAULT_MODELS_DIR = Path(os.environ.get("ONESTEP_SR_MODELS", "models"))
-DEFAULT_BASE = "stable-diffusion-2-1-base"
-DEFAULT_WEIGHTS = "osediff.pkl"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,13 +23,14 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("-o", "--output", type=Path, default=Path("out"), help="output folder (default: ./out)")
     _add_model_args(up)
     up.add_argument("--upscale", type=int, default=4, help="integer scale factor (default 4)")
-    up.add_argument("--color-fix", default=None, choices=("adain", "wavelet", "none"),
-                    help="colour correction (default: the method's own: adain for OSEDiff, wavelet for TSD-SR)")
+    up.add_argument("--color-fix", default=None, choices=COLOR_FIX_METHODS,
+                    help="colour correction (default: the method's own; see the README's methods table)")
     up.add_argument("--prompt", default="", help="text prompt for the denoiser (default: empty)")
-    up.add_argument("--latent-sampling", default="mode", choices=("mode", "sample"),
+    up.add_argument("--latent-sampling", default="mode", choices=LATENT_SAMPLING_MODES,
                     help="'mode' is deterministic; 'sample' draws from the VAE posterior like the official code")
     up.add_argument("--seed", type=int, default=42, help="seed for --latent-sampling sample")
-    up.add_argument("--dtype", default="auto", help="auto, fp32, bf16 or fp16 (auto: bf16 where fast, else fp16 on CUDA, else fp32)")
+    up.add_argument("--dtype", default="auto", choices=DTYPE_NAMES,
+                    help="precision (auto: bf16 where fast, else fp16 on CUDA, else fp32)")
     up.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     up.add_argument("--no-fuse-lora", action="store_true", help="keep LoRA layers separate (slower)")
     up.add_argument("--demo", action="store_true",
@@ -42,30 +43,36 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
+    from .methods import registered_methods
+
+    methods = registered_methods()
+    default = methods[0]
     parser.add_argument("--base", type=Path, default=None,
-                        help=f"SD2.1-base diffusers folder or single-file checkpoint (default: $ONESTEP_SR_MODELS/{DEFAULT_BASE})")
+                        help="base model: diffusers folder or single-file checkpoint (default: $ONESTEP_SR_MODELS/"
+                             "<the method's usual folder>, e.g. " + ", ".join(m.base.folder for m in methods) + ")")
     parser.add_argument("--weights", type=Path, default=None,
-                        help="official SR weights: osediff.pkl, or the TSD-SR folder with transformer.safetensors + "
-                             f"vae.safetensors (default: $ONESTEP_SR_MODELS/{DEFAULT_WEIGHTS})")
-    parser.add_argument("--embeddings", type=Path, default=None,
-                        help="TSD-SR prompt embeddings (folder with prompt_embeds.pt + pool_embeds.pt, or one "
-                             ".safetensors); default: looked for beside the weights")
+                        help="official SR weights, method detected from the files: "
+                             + "; ".join(f"{m.display_name}: {m.default_weights}" for m in methods)
+                             + f" (default: $ONESTEP_SR_MODELS/{default.default_weights})")
+    parser.add_argument("--method", default=None, choices=[m.id for m in methods],
+                        help="skip detection and use this method")
+    options = sorted({o for m in methods for o in m.extra_options})
+    for option in options:
+        users = ", ".join(m.display_name for m in methods if option in m.extra_options)
+        parser.add_argument(f"--{option.replace('_', '-')}", dest=option, type=Path, default=None,
+                            help=f"{users}: {option} file or folder (default: looked for beside the weights)")
 
 
 def missing_weights_message(base: Path, weights: Path) -> str | None:
+    from .methods import registered_methods
+
     lines = []
     if not weights.exists():
-        lines.append(
-            f"  SR weights not found: {weights}\n"
-            f"    put the official OSEDiff checkpoint `osediff.pkl` (cswry/OSEDiff, preset/models/osediff.pkl) there,\n"
-            f"    or pass --weights PATH (for TSD-SR: the folder with transformer.safetensors and vae.safetensors)"
-        )
+        lines.append(f"  SR weights not found: {weights}\n    put one of these there, or pass --weights PATH:")
+        lines.extend("    " + line for m in registered_methods() for line in m.describe_files().splitlines())
     if not base.exists():
-        lines.append(
-            f"  base model not found: {base}\n"
-            f"    put the Stable Diffusion 2.1-base diffusers folder there (subfolders unet/ vae/ text_encoder/\n"
-            f"    tokenizer/ scheduler/), or a single-file v2-1_512-ema-pruned.safetensors, or pass --base PATH"
-        )
+        lines.append(f"  base model not found: {base}\n    put the base model the weights need there, or pass --base PATH:")
+        lines.extend(f"    {m.display_name}: {m.base.name}, {m.base.hint}" for m in registered_methods())
     if not lines:
         return None
     return "Missing model files (models dir: $ONESTEP_SR_MODELS, default ./models):\n" + "\n".join(lines) + \
@@ -92,27 +99,49 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _model_paths_or_message(args) -> tuple[Path, Path, str | None]:
-    """The base and weights paths (defaults under $ONESTEP_SR_MODELS), and what to say if they are missing."""
-    base = args.base or DEFAULT_MODELS_DIR / DEFAULT_BASE
-    weights = args.weights or DEFAULT_MODELS_DIR / DEFAULT_WEIGHTS
+    """The base and weights paths (defaults under $ONESTEP_SR_MODELS), and what to say if they are missing.
+
+    Without --base, the base is the usual folder of the method the weights belong to.
+    """
+    from .loading import CheckpointError
+    from .methods import detect_method, get_method, registered_methods
+
+    weights = args.weights or DEFAULT_MODELS_DIR / registered_methods()[0].default_weights
+    base = args.base
+    if base is None:
+        method = get_method(args.method) if args.method else None
+        if method is None and weights.exists():
+            try:
+                method, _ = detect_method(weights)
+            except CheckpointError:
+                method = None
+        base = DEFAULT_MODELS_DIR / (method or registered_methods()[0]).base.folder
     return base, weights, missing_weights_message(base, weights)
 
 
+def _method_options(args) -> dict:
+    from .methods import registered_methods
+
+    names = {o for m in registered_methods() for o in m.extra_options}
+    return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
+
+
 def _convert(args) -> int:
-    from .checkpoints import CheckpointError
-    from .loading import convert_to_diffusers
+    from .loading import CheckpointError
+    from .methods import convert_to_diffusers, detect_method
 
     base, weights, message = _model_paths_or_message(args)
     if message:
         print(message, file=sys.stderr)
         return 2
     try:
-        out = convert_to_diffusers(base, weights, args.out, embeddings=args.embeddings)
-    except CheckpointError as err:
+        method, _ = detect_method(weights, args.method)
+        out = convert_to_diffusers(base, weights, args.out, method=method.id, **_method_options(args))
+    except (CheckpointError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(f"wrote {out} (load it with onestep_sr.OneStepSRPipeline.from_pretrained({str(out)!r}), "
-          "or OneStepSRSD3Pipeline for TSD-SR)")
+    print(f"wrote {method.display_name} to {out} (load it with onestep_sr.load_converted({str(out)!r}) or "
+          f"onestep_sr.{method.pipeline_class.__name__}.from_pretrained({str(out)!r}))")
     return 0
 
 
@@ -121,19 +150,18 @@ def _upscale(args) -> int:
     from PIL import Image
     from tqdm.auto import tqdm
 
-    from .checkpoints import CheckpointError
     from .images import ImageInputError
-    from .loading import load_pipeline
+    from .loading import CheckpointError
+    from .methods import load_pipeline
 
     demo_dir = None
     if args.demo:
-        from .tiny_models import build_tiny_sd_base, make_osediff_checkpoint
+        from .demo_models import build_demo_model
 
         print("DEMO: building a tiny, randomly initialised (untrained) model; the output shows the pipeline "
               "running end to end, not a real super-resolution.", file=sys.stderr)
         demo_dir = tempfile.TemporaryDirectory(prefix="onestep_sr_demo_")
-        base = build_tiny_sd_base(Path(demo_dir.name) / "base")
-        weights = make_osediff_checkpoint(base, Path(demo_dir.name) / "osediff.pkl")
+        base, weights = build_demo_model(demo_dir.name)
     else:
         base, weights, message = _model_paths_or_message(args)
         if message:
@@ -151,7 +179,7 @@ def _upscale(args) -> int:
         return 2
     try:
         pipe = load_pipeline(base, weights, dtype=args.dtype, device=args.device, fuse_lora=not args.no_fuse_lora,
-                             embeddings=args.embeddings)
+                             method=args.method, **_method_options(args))
     except (CheckpointError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-COLOR_FIX_METHODS = ("adain", "wavelet", "none")
+from .options import COLOR_FIX_METHODS
 
 # 3x3 binomial blur [1,2,1] x [1,2,1] / 16, applied a-trous at dilations 1, 2, 4, 8, 16.
 _WAVELET_LEVELS = 5
@@ -41,7 +41,7 @@ def apply_color_fix(method: str, target: torch.Tensor, source: torch.Tensor) -> 
         return adain_color_fix(target, source)
     if method == "wavelet":
         return wavelet_color_fix(target, source)
-    if method in ("none", "nofix", None):
+    if method == "none":
         return target.clamp(0, 1)
     raise ValueError(f"color_fix must be one of {COLOR_FIX_METHODS}, got {method!r}")
 

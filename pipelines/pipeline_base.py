@@ -1,30 +1,75 @@
-"""What every one-step SR pipeline shares: the __call__ story, VAE stages, tiling, progress, outputs.
+"""What every one-step SR pipeline shares: the __call__ story, input checks, VAE stages, tiling, outputs.
 
-A method subclasses `OneStepSRBase` and says only what differs: how the input is upsampled,
+A pipeline subclasses `OneStepSRBase` and says only what differs: how the input is upsampled,
 how latents are scaled, how the denoiser is conditioned and called, and how its output gives x0.
 """
 
 from __future__ import annotations
 
+import abc
+from dataclasses import dataclass
+from functools import partial
 from typing import Any, Callable
 
 import torch
 from diffusers import DiffusionPipeline
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 
-from .color_fix import COLOR_FIX_METHODS, apply_color_fix
+from .color_fix import apply_color_fix
 from .images import LQImage, check_upscale, load_images, pad_to_multiple, postprocess
-from .tiling import run_tiled
-from .tiling_options import TilingOptions
+from .methods.registry import Method, method_of
+from .options import COLOR_FIX_METHODS, GENERIC_DEFAULTS, LATENT_SAMPLING_MODES, OUTPUT_TYPES, TileDefaults
+from .tiling.denoiser import run_tiled
+from .tiling.plan import (
+    DenoiserFacts,
+    TilingOptions,
+    TilingPlan,
+    halve_denoiser_tile,
+    plan_tiling,
+    retry_on_oom,
+    vae_decode,
+    vae_encode,
+)
 
-LATENT_SAMPLING_MODES = ("mode", "sample")
+
+@dataclass(frozen=True)
+class Conditioning:
+    """What the denoiser is conditioned on: a token sequence and, for SD3-style models, a pooled vector."""
+
+    embeds: torch.Tensor
+    pooled: torch.Tensor | None = None
 
 
-class OneStepSRBase(DiffusionPipeline):
-    default_color_fix = "adain"
-    default_tile_size = 96  # latent pixels
-    default_tile_overlap = 32
+@dataclass(frozen=True)
+class CallInputs:
+    """The arguments of one `__call__`, checked and normalised (one entry per image where it varies)."""
 
+    images: list[LQImage]
+    prompts: list[str]
+    generators: list[torch.Generator | None]
+    upscale: int
+    color_fix: str
+    latent_sampling: str
+    output_type: str
+    prompt_embeds: torch.Tensor | None
+    pooled_prompt_embeds: torch.Tensor | None
+    tiling: TilingOptions
+
+
+class Progress:
+    """Drives the pipeline's progress bar and the user's callback; the callback may raise to cancel."""
+
+    def __init__(self, bar, total: int, callback: Callable[[int, int], None] | None):
+        self.bar, self.total, self.callback, self.done = bar, total, callback, 0
+
+    def advance(self, n: int = 1) -> None:
+        self.done += n
+        self.bar.update(n)
+        if self.callback is not None:
+            self.callback(self.done, self.total)
+
+
+class OneStepSRBase(DiffusionPipeline, abc.ABC):
     @torch.no_grad()
     def __call__(
         self,
@@ -44,7 +89,7 @@ class OneStepSRBase(DiffusionPipeline):
         vae_tile_size: int | str | None = "auto",
         blend: str = "gaussian",
         progress_callback: Callable[[int, int], None] | None = None,
-    ):
+    ) -> ImagePipelineOutput | tuple:
         r"""
         Args:
             image: PIL image, HWC numpy array, CHW/NCHW tensor in [0, 1], or a list (a batch; sizes may differ).
@@ -67,54 +112,144 @@ class OneStepSRBase(DiffusionPipeline):
             progress_callback: called as f(done, total) after each unit of work (encode, each denoiser
                 tile, decode); raising from it cancels the run between tiles.
         """
-        color_fix = self.default_color_fix if color_fix is None else color_fix
-        if color_fix not in COLOR_FIX_METHODS:
-            raise ValueError(f"color_fix must be one of {COLOR_FIX_METHODS}, got {color_fix!r}")
-        if latent_sampling not in LATENT_SAMPLING_MODES:
-            raise ValueError(f"latent_sampling must be one of {LATENT_SAMPLING_MODES}, got {latent_sampling!r}")
-        images = load_images(image)
-        prompts = self._per_image(prompt, len(images), "prompt")
-        generators = self._per_image(generator, len(images), "generator")
+        # 0. Check every argument before any work, and plan each image's tiling once.
+        inputs = self.check_inputs(
+            image, prompt, upscale, color_fix, latent_sampling, generator, output_type, prompt_embeds,
+            pooled_prompt_embeds, tile_size, tile_overlap, tile_batch_size, vae_tile_size, blend,
+        )  # fmt: skip
         device = self._execution_device
-        tiling = TilingOptions.resolve(self, tile_size, tile_overlap, tile_batch_size, vae_tile_size, blend)
-        factors = [check_upscale(upscale, lq) for lq in images]
-        total = sum(tiling.work_units(self, lq.size, f) for lq, f in zip(images, factors))
+        plans = [self._plan_image(inputs.tiling, lq, inputs.upscale) for lq in inputs.images]
 
         results = []
-        with self.progress_bar(total=total) as progress:
-            done = 0
-
-            def advance(n: int = 1) -> None:
-                nonlocal done
-                done += n
-                progress.update(n)
-                if progress_callback is not None:
-                    progress_callback(done, total)
-
-            for i, lq in enumerate(images):
+        with self.progress_bar(total=sum(p.work_units for p in plans)) as bar:
+            progress = Progress(bar, bar.total, progress_callback)
+            for i, (lq, plan) in enumerate(zip(inputs.images, plans)):
                 # 1. Upsample to output size: the network itself never changes resolution.
-                lq_up = self.upsample(lq, factors[i])
+                lq_up = self.upsample(lq, inputs.upscale)
                 # 2. Pad to the latent grid (cropped away after decoding) and encode.
                 padded, (height, width) = pad_to_multiple(lq_up.rgb * 2 - 1, self.pad_multiple)
-                latents = self.encode(padded.to(device), latent_sampling, generators[i], tiling)
-                advance()
+                latents = self.encode(padded.to(device), inputs.latent_sampling, inputs.generators[i], plan)
+                progress.advance()
                 # 3. One denoising step from the LQ latent itself, tile by tile.
-                cond = self.encode_prompt(prompts[i], prompt_embeds, pooled_prompt_embeds, index=i, device=device)
-                clean = self.denoise(latents, cond, tiling, on_tile=advance)
+                cond = self.encode_prompt(inputs.prompts[i], inputs.prompt_embeds, inputs.pooled_prompt_embeds, i, device)
+                clean = self.denoise(latents, cond, plan, on_tile=progress.advance)
                 # 4. Decode, crop the padding, colour-correct.
-                decoded = self.decode(clean, tiling)[..., :height, :width]
-                advance()
+                decoded = self.decode(clean, plan)[..., :height, :width]
+                progress.advance()
                 sr = (decoded.float().cpu() * 0.5 + 0.5).clamp(0, 1)
-                sr = apply_color_fix(color_fix, sr, self.color_fix_source(color_fix, lq, lq_up))
+                sr = apply_color_fix(inputs.color_fix, sr, self.color_fix_source(inputs.color_fix, lq, lq_up))
                 if lq_up.alpha is not None:
                     sr = torch.cat([sr, lq_up.alpha], dim=1)
                 results.append(sr)
 
-        output = postprocess(results, output_type)
+        output = postprocess(results, inputs.output_type)
         self.maybe_free_model_hooks()
         if not return_dict:
             return (output,)
         return ImagePipelineOutput(images=output)
+
+    # ------------------------------------------------------------------ checks and plans
+
+    def check_inputs(
+        self,
+        image: Any,
+        prompt: str | list[str],
+        upscale: Any,
+        color_fix: str | None,
+        latent_sampling: str,
+        generator: Any,
+        output_type: str,
+        prompt_embeds: torch.Tensor | None,
+        pooled_prompt_embeds: torch.Tensor | None,
+        tile_size: Any,
+        tile_overlap: Any,
+        tile_batch_size: Any,
+        vae_tile_size: Any,
+        blend: str,
+    ) -> CallInputs:
+        """Every argument checked in one place (clear errors before any work), normalised per image."""
+        color_fix = self.defaults.color_fix if color_fix is None else color_fix
+        if color_fix not in COLOR_FIX_METHODS:
+            raise ValueError(f"color_fix must be one of {COLOR_FIX_METHODS}, got {color_fix!r}")
+        if latent_sampling not in LATENT_SAMPLING_MODES:
+            raise ValueError(f"latent_sampling must be one of {LATENT_SAMPLING_MODES}, got {latent_sampling!r}")
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+        tiling = TilingOptions.validate(tile_size, tile_overlap, tile_batch_size, vae_tile_size, blend, self.defaults)
+        images = load_images(image)
+        factors = {check_upscale(upscale, lq) for lq in images}
+        prompts = self._per_image(prompt, len(images), "prompt")
+        if not all(isinstance(p, str) for p in prompts):
+            raise ValueError(f"prompt must be a string or a list of strings, got {prompt!r}")
+        self.check_conditioning(prompts, prompt_embeds, pooled_prompt_embeds)
+        return CallInputs(
+            images=images,
+            prompts=prompts,
+            generators=self._per_image(generator, len(images), "generator"),
+            upscale=factors.pop(),
+            color_fix=color_fix,
+            latent_sampling=latent_sampling,
+            output_type=output_type,
+            prompt_embeds=prompt_embeds,
+            pooled_prompt_embeds=pooled_prompt_embeds,
+            tiling=tiling,
+        )
+
+    def check_conditioning(
+        self, prompts: list[str], prompt_embeds: torch.Tensor | None, pooled_prompt_embeds: torch.Tensor | None
+    ) -> None:
+        """Prompts need text encoders unless embeddings are given (or the prompt is empty and a fixed one exists)."""
+        if prompt_embeds is not None or pooled_prompt_embeds is not None or self.has_text_encoders:
+            return
+        if self.prompt_embedding is None:
+            raise ValueError("this pipeline has no text encoder and no prompt embedding; pass prompt_embeds=")
+        custom = next((p for p in prompts if p), None)
+        if custom is not None:
+            raise ValueError(
+                f"this pipeline has no text encoder, so a custom prompt ({custom!r}) cannot be used; "
+                "leave prompt empty to use the model's own prompt embedding"
+            )
+
+    def plan_tiling(
+        self,
+        latent_hw: tuple[int, int],
+        tile_size: int | str | None = "auto",
+        tile_overlap: int | str = "auto",
+        tile_batch_size: int = 1,
+        vae_tile_size: int | str | None = "auto",
+        blend: str = "gaussian",
+    ) -> TilingPlan:
+        """The tiling plan `__call__` would use for a latent of this size (free memory is read now)."""
+        options = TilingOptions.validate(tile_size, tile_overlap, tile_batch_size, vae_tile_size, blend, self.defaults)
+        return plan_tiling(options, latent_hw, self.denoiser_facts, self._execution_device)
+
+    def _plan_image(self, options: TilingOptions, lq: LQImage, upscale: int) -> TilingPlan:
+        pad, f = self.pad_multiple, self.vae_scale_factor
+        latent_hw = tuple(-(-side * upscale // pad) * pad // f for side in lq.size)
+        return plan_tiling(options, latent_hw, self.denoiser_facts, self._execution_device)
+
+    # ------------------------------------------------------------------ what the method is
+
+    @property
+    def sr_method(self) -> Method | None:
+        """The registered method that built this pipeline (from its config), if any."""
+        return method_of(self)
+
+    @property
+    def defaults(self) -> TileDefaults:
+        """The method's official colour fix and tiling, which "auto" and None resolve to."""
+        method = self.sr_method
+        return method.defaults if method is not None else GENERIC_DEFAULTS
+
+    @property
+    def display_name(self) -> str:
+        method = self.sr_method
+        return method.display_name if method is not None else type(self).__name__
+
+    @property
+    def has_text_encoders(self) -> bool:
+        """Whether free-text prompts can be encoded (else only the fixed prompt embedding is available)."""
+        return getattr(self, "text_encoder", None) is not None and getattr(self, "tokenizer", None) is not None
 
     # ------------------------------------------------------------------ shared stages
 
@@ -127,13 +262,20 @@ class OneStepSRBase(DiffusionPipeline):
         """Images are padded to this multiple so the latent fits the denoiser's grid."""
         return self.vae_scale_factor
 
+    @property
+    def denoiser_facts(self) -> DenoiserFacts:
+        return DenoiserFacts(width=self.denoiser_width, dtype=self.denoiser_dtype)
+
     def encode(
-        self, image: torch.Tensor, latent_sampling: str, generator: torch.Generator | None,
-        tiling: TilingOptions | None = None,
+        self,
+        image: torch.Tensor,
+        latent_sampling: str,
+        generator: torch.Generator | None,
+        plan: TilingPlan | None = None,
     ) -> torch.Tensor:
         """[-1, 1] image -> the denoiser's latent (posterior mode, or one posterior draw)."""
-        tiling = tiling or TilingOptions.untiled()
-        posterior = tiling.vae_encode(self.vae, image.to(self.vae.dtype))
+        plan = plan or TilingPlan.untiled()
+        posterior = vae_encode(self.vae, image.to(self.vae.dtype), plan)
         latents = posterior.mean
         if latent_sampling == "sample":
             # Drawn as float32 on the generator's device, so a CPU generator seeded S gives
@@ -144,49 +286,59 @@ class OneStepSRBase(DiffusionPipeline):
         return self.to_model_latents(latents)
 
     def denoise(
-        self, latents: torch.Tensor, cond: Any, tiling: TilingOptions | None = None,
+        self,
+        latents: torch.Tensor,
+        cond: Conditioning,
+        plan: TilingPlan | None = None,
         on_tile: Callable[[int], None] | None = None,
     ) -> torch.Tensor:
         """One denoiser evaluation (tile by tile, outputs blended), then x0 in closed form once."""
-        tiling = tiling or TilingOptions.untiled()
+        plan = plan or TilingPlan.untiled(tuple(latents.shape[-2:]))
+        model = partial(self.model_output, cond=cond)
 
-        def run(tile_size: int | None) -> torch.Tensor:
-            if tile_size is None:
-                out = self.model_output(latents, cond).float()
-                if on_tile:
-                    on_tile(1)
-                return out
-            return run_tiled(lambda x: self.model_output(x, cond), latents, tile_size, tiling.overlap_for(tile_size),
-                             tiling.tile_batch_size, tiling.blend, on_tile)
+        def run(p: TilingPlan) -> torch.Tensor:
+            return run_tiled(model, latents, p.tile_size, p.overlap, p.batch_size, p.blend, on_tile)
 
-        model_output = tiling.run_denoiser(run, latents.shape[-2:])
+        model_output = retry_on_oom(run, plan, halve_denoiser_tile, plan.device, "denoiser")
         return self.predict_clean_latent(model_output, latents.float())
 
-    def decode(self, latents: torch.Tensor, tiling: TilingOptions | None = None) -> torch.Tensor:
+    def decode(self, latents: torch.Tensor, plan: TilingPlan | None = None) -> torch.Tensor:
         """Denoiser latent -> image in [-1, 1]; fp16/bf16 overflow falls back to an fp32 decode."""
-        tiling = tiling or TilingOptions.untiled()
+        plan = plan or TilingPlan.untiled()
         latents = self.from_model_latents(latents)
-        image = tiling.vae_decode(self.vae, latents.to(self.vae.dtype))
+        image = vae_decode(self.vae, latents.to(self.vae.dtype), plan, self.vae_scale_factor)
         if not torch.isfinite(image).all() and self.vae.dtype != torch.float32:
             dtype = self.vae.dtype
             self.vae.to(torch.float32)
             try:
-                image = tiling.vae_decode(self.vae, latents.float())
+                image = vae_decode(self.vae, latents.float(), plan, self.vae_scale_factor)
             finally:
                 self.vae.to(dtype)
         return image.clamp(-1, 1)
 
-    def color_fix_source(self, method: str, lq: LQImage, lq_up: LQImage) -> torch.Tensor:
-        """The reference image for the colour fix (default: the upsampled input, as OSEDiff)."""
-        return lq_up.rgb
+    def encode_prompt(
+        self,
+        prompt: str,
+        prompt_embeds: torch.Tensor | None,
+        pooled_prompt_embeds: torch.Tensor | None,
+        index: int,
+        device: torch.device,
+    ) -> Conditioning:
+        """Image `index`'s conditioning: precomputed embeddings, else the fixed embedding for an empty prompt
+        (when the pipeline has one), else the text encoders."""
+        dtype = self.denoiser_dtype
+        if prompt_embeds is not None:
+            pooled = None if pooled_prompt_embeds is None else self._pick(pooled_prompt_embeds, index).to(device, dtype)
+            return Conditioning(self._pick(prompt_embeds, index).to(device, dtype), pooled)
+        if not self.has_text_encoders or (not prompt and self.prompt_embedding is not None):
+            return self.fixed_conditioning(device, dtype)
+        return self.encode_text(prompt, device, dtype)
 
-    # ------------------------------------------------------------------ what each method defines
-
-    denoiser_width: int  # channels per latent pixel of the denoiser's widest full-resolution stage
-    denoiser_dtype: torch.dtype
-
-    def upsample(self, lq: LQImage, factor: int) -> LQImage:
-        raise NotImplementedError
+    def text_conditioning(self, prompt: str) -> Conditioning:
+        """The prompt through the text encoders even when it is empty (never the fixed embedding)."""
+        if not self.has_text_encoders:
+            raise ValueError(f"{self.display_name} here has no text encoder, so it cannot encode the prompt {prompt!r}")
+        return self.encode_text(prompt, self._execution_device, self.denoiser_dtype)
 
     def to_model_latents(self, latents: torch.Tensor) -> torch.Tensor:
         return latents * self.vae.config.scaling_factor
@@ -194,26 +346,43 @@ class OneStepSRBase(DiffusionPipeline):
     def from_model_latents(self, latents: torch.Tensor) -> torch.Tensor:
         return latents / self.vae.config.scaling_factor
 
-    def encode_prompt(self, prompt, prompt_embeds, pooled_prompt_embeds, index: int, device) -> Any:
-        raise NotImplementedError
+    def color_fix_source(self, method: str, lq: LQImage, lq_up: LQImage) -> torch.Tensor:
+        """The reference image for the colour fix (default: the upsampled input, as OSEDiff)."""
+        return lq_up.rgb
 
-    def model_output(self, latents: torch.Tensor, cond: Any) -> torch.Tensor:
-        raise NotImplementedError
+    # ------------------------------------------------------------------ what each pipeline defines
 
+    @property
+    @abc.abstractmethod
+    def denoiser_width(self) -> int:
+        """Channels per latent pixel of the denoiser's widest full-resolution stage (memory estimates)."""
+
+    @property
+    @abc.abstractmethod
+    def denoiser_dtype(self) -> torch.dtype: ...
+
+    @abc.abstractmethod
+    def upsample(self, lq: LQImage, factor: int) -> LQImage:
+        """The LQ image at output size, exactly as the method's official code computes it."""
+
+    @abc.abstractmethod
+    def encode_text(self, prompt: str, device: torch.device, dtype: torch.dtype) -> Conditioning:
+        """The prompt through the pipeline's text encoder(s) (only called when `has_text_encoders`)."""
+
+    @abc.abstractmethod
+    def model_output(self, latents: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """The denoiser's raw output (eps, v, x0 or velocity) for a batch of latent tiles."""
+
+    @abc.abstractmethod
     def predict_clean_latent(self, model_output: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """x0 in closed form from the (blended) model output and the input latent."""
 
     # ------------------------------------------------------------------ helpers
 
-    def _fixed_embedding_or_error(self, prompt: str, device, dtype):
-        if self.prompt_embedding is None:
-            raise ValueError("this pipeline has no text encoder and no prompt embedding; pass prompt_embeds=")
-        if prompt:
-            raise ValueError(
-                f"this pipeline has no text encoder, so a custom prompt ({prompt!r}) cannot be used; "
-                "leave prompt empty to use the model's own prompt embedding"
-            )
-        return self.prompt_embedding.to_conditioning(device, dtype)
+    def fixed_conditioning(self, device: torch.device, dtype: torch.dtype) -> Conditioning:
+        """The pipeline's fixed/learned prompt embedding (check_conditioning made sure it exists)."""
+        embeds, pooled = self.prompt_embedding.to_conditioning(device, dtype)
+        return Conditioning(embeds, pooled)
 
     @staticmethod
     def _per_image(value: Any, count: int, name: str) -> list:

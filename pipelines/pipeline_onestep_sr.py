@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from diffusers.schedulers import SchedulerMixin
 
 from .images import LQImage, upsample_pil_bicubic
-from .pipeline_base import OneStepSRBase
-from .prompt_embedding import PromptEmbedding
+from .models.prompt_embedding import PromptEmbedding
+from .pipeline_base import Conditioning, OneStepSRBase
 
 
 class OneStepSRPipeline(OneStepSRBase):
@@ -26,30 +24,33 @@ class OneStepSRPipeline(OneStepSRBase):
         for text prompts), prompt_embedding ([`PromptEmbedding`], optional, a fixed/learned prompt).
     Config:
         timestep (int): the diffusion timestep the LQ latent is treated as (OSEDiff: 999).
+        method (str): the registered method that built it (its defaults: colour fix, tiling).
     """
 
     model_cpu_offload_seq = "text_encoder->unet->vae"
     _optional_components = ["text_encoder", "tokenizer", "prompt_embedding"]
-    default_color_fix = "adain"
-    default_tile_size = 96  # official OSEDiff latent tiling: 96 with overlap 32
-    default_tile_overlap = 32
 
     def __init__(
         self,
         vae: AutoencoderKL,
         unet: UNet2DConditionModel,
         scheduler: SchedulerMixin,
-        text_encoder: Any = None,
-        tokenizer: Any = None,
+        text_encoder: torch.nn.Module | None = None,
+        tokenizer=None,
         prompt_embedding: PromptEmbedding | None = None,
         timestep: int = 999,
+        method: str | None = None,
     ):
         super().__init__()
         self.register_modules(
-            vae=vae, unet=unet, scheduler=scheduler, text_encoder=text_encoder, tokenizer=tokenizer,
+            vae=vae,
+            unet=unet,
+            scheduler=scheduler,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
             prompt_embedding=prompt_embedding,
         )
-        self.register_to_config(timestep=int(timestep))
+        self.register_to_config(timestep=int(timestep), method=method)
 
     @property
     def denoiser_width(self) -> int:
@@ -63,22 +64,20 @@ class OneStepSRPipeline(OneStepSRBase):
         # Pillow BICUBIC, as the official code: 8-bit inputs give a bit-identical model input
         return upsample_pil_bicubic(lq, factor)
 
-    def encode_prompt(self, prompt, prompt_embeds, pooled_prompt_embeds, index: int, device) -> torch.Tensor:
+    def check_conditioning(self, prompts, prompt_embeds, pooled_prompt_embeds) -> None:
         if pooled_prompt_embeds is not None:
             raise ValueError("pooled_prompt_embeds is for SD3-style pipelines; this UNet takes prompt_embeds only")
-        dtype = self.unet.dtype
-        if prompt_embeds is not None:
-            return self._pick(prompt_embeds, index).to(device, dtype)
-        if self.text_encoder is None or self.tokenizer is None or (not prompt and self.prompt_embedding is not None):
-            return self._fixed_embedding_or_error(prompt, device, dtype)[0]
-        ids = self.tokenizer(
-            prompt, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True,
-            return_tensors="pt",
-        ).input_ids
-        return self.text_encoder(ids.to(self.text_encoder.device))[0].to(device, dtype)
+        super().check_conditioning(prompts, prompt_embeds, pooled_prompt_embeds)
 
-    def model_output(self, latents: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        context = cond.expand(latents.shape[0], -1, -1)
+    def encode_text(self, prompt: str, device: torch.device, dtype: torch.dtype) -> Conditioning:
+        """CLIP's last hidden state for the prompt, padded to the tokenizer's length (77), as SD2.1 is trained."""
+        ids = self.tokenizer(
+            prompt, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True, return_tensors="pt"
+        ).input_ids
+        return Conditioning(self.text_encoder(ids.to(self.text_encoder.device))[0].to(device, dtype))
+
+    def model_output(self, latents: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        context = cond.embeds.expand(latents.shape[0], -1, -1)
         return self.unet(latents.to(self.unet.dtype), self.config.timestep, encoder_hidden_states=context).sample
 
     def predict_clean_latent(self, model_output: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:

@@ -9,8 +9,9 @@ from diffusers import AutoencoderKL, SD3Transformer2DModel
 from diffusers.schedulers import SchedulerMixin
 
 from .images import LQImage, upsample_pil_bicubic, upsample_torch_bicubic
-from .pipeline_base import OneStepSRBase
-from .prompt_embedding import PromptEmbedding
+from .models.prompt_embedding import PromptEmbedding
+from .models.sd3_text import encode_sd3_prompt
+from .pipeline_base import Conditioning, OneStepSRBase
 
 
 class OneStepSRSD3Pipeline(OneStepSRBase):
@@ -27,15 +28,13 @@ class OneStepSRSD3Pipeline(OneStepSRBase):
         timestep (float): 1000 for TSD-SR.
         use_shift_factor (bool): subtract the VAE's shift_factor before scaling (diffusers' SD3 convention).
             TSD-SR was trained WITHOUT it, so the default is False.
+        method (str): the registered method that built it (its defaults: colour fix, tiling).
     """
 
     model_cpu_offload_seq = "text_encoder->text_encoder_2->text_encoder_3->transformer->vae"
     _optional_components = [
         "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "text_encoder_3", "tokenizer_3", "prompt_embedding",
     ]
-    default_color_fix = "wavelet"  # TSD-SR's default --align_method
-    default_tile_size = 64  # official TSD-SR latent tiling: 64 with overlap 8
-    default_tile_overlap = 8
 
     def __init__(
         self,
@@ -51,6 +50,7 @@ class OneStepSRSD3Pipeline(OneStepSRBase):
         tokenizer_3: Any = None,
         timestep: float = 1000.0,
         use_shift_factor: bool = False,
+        method: str | None = None,
     ):
         super().__init__()
         self.register_modules(
@@ -58,7 +58,7 @@ class OneStepSRSD3Pipeline(OneStepSRBase):
             text_encoder=text_encoder, tokenizer=tokenizer, text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2,
             text_encoder_3=text_encoder_3, tokenizer_3=tokenizer_3,
         )
-        self.register_to_config(timestep=float(timestep), use_shift_factor=bool(use_shift_factor))
+        self.register_to_config(timestep=float(timestep), use_shift_factor=bool(use_shift_factor), method=method)
 
     @property
     def pad_multiple(self) -> int:
@@ -100,37 +100,27 @@ class OneStepSRSD3Pipeline(OneStepSRBase):
         factor = lq_up.size[0] // lq.size[0]
         return upsample_pil_bicubic(lq, factor).rgb
 
-    def encode_prompt(self, prompt, prompt_embeds, pooled_prompt_embeds, index: int, device):
-        dtype = self.transformer.dtype
-        if prompt_embeds is not None or pooled_prompt_embeds is not None:
-            if prompt_embeds is None or pooled_prompt_embeds is None:
-                raise ValueError("SD3 conditioning needs both prompt_embeds and pooled_prompt_embeds")
-            return self._pick(prompt_embeds, index).to(device, dtype), self._pick(pooled_prompt_embeds, index).to(device, dtype)
-        has_text_encoders = self.text_encoder is not None and self.text_encoder_2 is not None
-        if not has_text_encoders or (not prompt and self.prompt_embedding is not None):
-            embeds, pooled = self._fixed_embedding_or_error(prompt, device, dtype)
-            if pooled is None:
-                raise ValueError("the prompt embedding has no pooled vector, which SD3 transformers need")
-            return embeds, pooled
-        return self._encode_text(prompt, device, dtype)
+    @property
+    def has_text_encoders(self) -> bool:
+        # both CLIPs are required; T5 is optional (256 zero tokens without it)
+        return all(getattr(self, n, None) is not None for n in ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"))
 
-    def _encode_text(self, prompt: str, device, dtype):
-        """Custom prompts through the SD3 text encoders, exactly as diffusers' StableDiffusion3Pipeline does."""
-        from diffusers import StableDiffusion3Pipeline
+    def check_conditioning(self, prompts, prompt_embeds, pooled_prompt_embeds) -> None:
+        if (prompt_embeds is None) != (pooled_prompt_embeds is None):
+            raise ValueError("SD3 conditioning needs both prompt_embeds and pooled_prompt_embeds")
+        super().check_conditioning(prompts, prompt_embeds, pooled_prompt_embeds)
+        if prompt_embeds is None and self.prompt_embedding is not None and self.prompt_embedding.pooled is None:
+            raise ValueError("the prompt embedding has no pooled vector, which SD3 transformers need")
 
-        text_pipe = StableDiffusion3Pipeline(
-            transformer=self.transformer, scheduler=self.scheduler, vae=self.vae,
-            text_encoder=self.text_encoder, tokenizer=self.tokenizer, text_encoder_2=self.text_encoder_2,
-            tokenizer_2=self.tokenizer_2, text_encoder_3=self.text_encoder_3, tokenizer_3=self.tokenizer_3,
-        )
-        embeds, _, pooled, _ = text_pipe.encode_prompt(
-            prompt=prompt, prompt_2=None, prompt_3=None, device=device, do_classifier_free_guidance=False,
-            max_sequence_length=256,
-        )
-        return embeds.to(device, dtype), pooled.to(device, dtype)
+    def encode_text(self, prompt: str, device: torch.device, dtype: torch.dtype) -> Conditioning:
+        """Custom prompts through the SD3 text encoders (CLIP-L, CLIP-G, optional T5)."""
+        t5 = (self.text_encoder_3, self.tokenizer_3) if self.text_encoder_3 is not None else None
+        clips = [(self.text_encoder, self.tokenizer), (self.text_encoder_2, self.tokenizer_2)]
+        joint_dim = self.transformer.config.joint_attention_dim
+        return Conditioning(*encode_sd3_prompt(prompt, clips, t5, joint_dim, device, dtype))
 
-    def model_output(self, latents: torch.Tensor, cond) -> torch.Tensor:
-        embeds, pooled = cond
+    def model_output(self, latents: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        embeds, pooled = cond.embeds, cond.pooled
         n = latents.shape[0]
         timestep = torch.full((n,), self.config.timestep, device=latents.device, dtype=torch.float32)
         return self.transformer(

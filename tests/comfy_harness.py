@@ -105,10 +105,16 @@ def load_image_node(image: str, input_dir: Path):
     return rgb, mask
 
 
-def run_workflow(api: dict, input_dir: Path) -> dict[str, list[torch.Tensor]]:
-    """Execute an API-format graph; returns SaveImage/PreviewImage inputs by node id."""
-    from onestep_sr.nodes.v1 import NODE_CLASS_MAPPINGS
+def node_classes() -> dict:
+    """node id -> V3 node class (needs install() and install_v3() first)."""
+    from onestep_sr.nodes.sr_nodes import NODE_CLASSES
 
+    return {cls.define_schema().node_id: cls for cls in NODE_CLASSES}
+
+
+def run_workflow(api: dict, input_dir: Path) -> dict[str, list[torch.Tensor]]:
+    """Execute an API-format graph with the real V3 node classes; returns SaveImage/PreviewImage inputs by node id."""
+    classes = node_classes()
     results: dict[str, tuple] = {}
     saved: dict[str, list[torch.Tensor]] = {}
 
@@ -129,8 +135,7 @@ def run_workflow(api: dict, input_dir: Path) -> dict[str, list[torch.Tensor]]:
             saved[node_id] = list(kwargs["images"])
             out = ()
         else:
-            cls = NODE_CLASS_MAPPINGS[kind]
-            out = getattr(cls(), cls.FUNCTION)(**kwargs)
+            out = classes[kind].execute(**kwargs).args
         results[node_id] = out
         return out
 
@@ -139,23 +144,40 @@ def run_workflow(api: dict, input_dir: Path) -> dict[str, list[torch.Tensor]]:
     return saved
 
 
+WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
+
+
 def install_v3() -> types.ModuleType:
-    """A minimal `comfy_api.latest` (io, ComfyExtension) recording what the V3 nodes declare."""
+    """A minimal `comfy_api.latest` (io, ComfyExtension) recording what the V3 nodes declare.
+
+    Inputs keep their id, io_type and keyword arguments; `Schema` keeps its fields. The real API is
+    exercised by tests/test_comfyui_server.py against a real ComfyUI.
+    """
 
     class _IO:
+        io_type = ""
+
         def __init__(self, id=None, **kwargs):
             self.id, self.kwargs = id, kwargs
+
+        @property
+        def is_widget(self) -> bool:
+            return self.io_type in WIDGET_TYPES and not self.kwargs.get("force_input")
 
     def comfy_type(io_type):
         return type(io_type, (), {"io_type": io_type, "Input": type("Input", (_IO,), {"io_type": io_type}),
                                   "Output": type("Output", (_IO,), {"io_type": io_type})})
 
+    class NodeOutput:
+        def __init__(self, *args):
+            self.args = args
+
     io = types.SimpleNamespace(
-        Image=comfy_type("IMAGE"), Int=comfy_type("INT"), Boolean=comfy_type("BOOLEAN"), String=comfy_type("STRING"),
-        Combo=comfy_type("COMBO"), Custom=comfy_type,
+        Image=comfy_type("IMAGE"), Mask=comfy_type("MASK"), Int=comfy_type("INT"), Float=comfy_type("FLOAT"),
+        Boolean=comfy_type("BOOLEAN"), String=comfy_type("STRING"), Combo=comfy_type("COMBO"), Custom=comfy_type,
         Schema=lambda **kwargs: types.SimpleNamespace(**kwargs),
         ComfyNode=type("ComfyNode", (), {}),
-        NodeOutput=lambda *args: types.SimpleNamespace(args=args),
+        NodeOutput=NodeOutput,
     )
     latest = types.ModuleType("comfy_api.latest")
     latest.io = io
@@ -167,5 +189,5 @@ def install_v3() -> types.ModuleType:
 
 
 def uninstall_v3() -> None:
-    for name in ("comfy_api", "comfy_api.latest", "onestep_sr.nodes.v3"):
+    for name in ("comfy_api", "comfy_api.latest", "onestep_sr.nodes.sr_nodes"):
         sys.modules.pop(name, None)

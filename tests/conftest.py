@@ -37,7 +37,7 @@ def osediff_pipe_fused():
 
 @pytest.fixture(scope="session")
 def osediff_converted(tmp_path_factory):
-    from onestep_sr.pipelines.loading import convert_to_diffusers
+    from onestep_sr import convert_to_diffusers
 
     out = tmp_path_factory.mktemp("converted") / "osediff-tiny"
     convert_to_diffusers(OSEDIFF_PARITY / "tiny-sd21", OSEDIFF_PARITY / "osediff_tiny.pkl", out)

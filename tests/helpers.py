@@ -39,6 +39,24 @@ class ParityCase:
         return torch.Generator().manual_seed(self.seed)
 
 
+# The OSEDiff parity tolerance (justified in test_parity_osediff.py's docstring).
+OSEDIFF_RAW_ATOL = 1e-4
+
+
+def run_osediff_case(pipe, case, **kwargs):
+    """The official call: torch.manual_seed(seed); forward(lq, prompt) -- with our public API."""
+    kwargs.setdefault("upscale", 1)
+    kwargs.setdefault("color_fix", "none")
+    image = kwargs.pop("image", case.lq * 0.5 + 0.5)
+    result = pipe(image, prompt=case.prompt, latent_sampling="sample", generator=case.generator(), output_type="pt", **kwargs)
+    return result.images
+
+
+def assert_osediff_parity(images, case):
+    diff = (images * 2 - 1 - case.out[0]).abs().max().item()
+    assert diff <= OSEDIFF_RAW_ATOL, f"{case.name}: max |ours - official| = {diff:.3g} > {OSEDIFF_RAW_ATOL}"
+
+
 def png_to_tensor(img: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.asarray(img, dtype=np.float32) / 255).permute(2, 0, 1)[None]
 
@@ -63,6 +81,21 @@ class TSDSRCase:
 
     def generator(self) -> torch.Generator:
         return torch.Generator().manual_seed(self.seed)
+
+
+# The TSD-SR parity tolerance (justified in test_parity_tsdsr.py's docstring).
+TSDSR_RAW_ATOL = 1e-4
+
+
+def run_tsdsr_case(pipe, case, image=None, upscale=1, color_fix="none"):
+    """A TSD-SR parity case through the public __call__, with the case's seed (the official posterior draw)."""
+    image = case.input["pixel_values"] * 0.5 + 0.5 if image is None else image
+    return pipe(image, upscale=upscale, color_fix=color_fix, latent_sampling="sample", generator=case.generator(),
+                output_type="pt").images
+
+
+def tsdsr_raw_diff(images, case) -> float:
+    return (images[0] * 2 - 1 - case.raw).abs().max().item()
 
 
 def tsdsr_cases() -> list[TSDSRCase]:

@@ -8,12 +8,12 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from helpers import OSEDIFF_PARITY
+from helpers import OSEDIFF_PARITY, assert_osediff_parity, run_osediff_case
 from ldm_checkpoint import write_sd2_single_file
 from onestep_sr import CheckpointError, load_pipeline
-from onestep_sr.pipelines.checkpoints import detect_format, read_weights
-from onestep_sr.pipelines.loading import SD21_BASE_CONFIG, resolve_dtype
-from onestep_sr.pipelines.tiny_models import build_tiny_sd_base, make_osediff_checkpoint
+from onestep_sr.pipelines.demo_models import build_tiny_sd_base, make_osediff_checkpoint
+from onestep_sr.pipelines.loading import SD21_BASE_CONFIG, devices, resolve_dtype
+from onestep_sr.pipelines.methods import detect_method
 
 BASE = OSEDIFF_PARITY / "tiny-sd21"
 WEIGHTS = OSEDIFF_PARITY / "osediff_tiny.pkl"
@@ -29,13 +29,11 @@ def single_file_base(tmp_path_factory):
 
 
 def test_single_file_base_reproduces_official(single_file_base, parity_cases):
-    from test_parity_osediff import assert_raw_parity, run_official_case
-
     path, config = single_file_base
     pipe = load_pipeline(path, WEIGHTS, base_config=config)
     pipe.set_progress_bar_config(disable=True)
     for case in parity_cases:
-        assert_raw_parity(run_official_case(pipe, case), case)
+        assert_osediff_parity(run_osediff_case(pipe, case), case)
 
 
 def test_bundled_sd21_configs_describe_sd21_base():
@@ -57,7 +55,7 @@ def test_bundled_sd21_configs_describe_sd21_base():
 
 
 def test_detects_osediff_and_rejects_unknown_formats(tmp_path):
-    assert detect_format(read_weights(WEIGHTS)) == "osediff"
+    assert detect_method(WEIGHTS)[0].id == "osediff"
     other = tmp_path / "other.safetensors"
     save_file({"model.conv.weight": torch.zeros(2, 2)}, str(other))
     with pytest.raises(CheckpointError, match="unknown SR weight format.*model.conv.weight"):
@@ -82,14 +80,14 @@ def test_truncated_and_missing_files_name_the_file(tmp_path):
         load_pipeline(BASE, truncated)
     with pytest.raises(CheckpointError, match="weight file not found"):
         load_pipeline(BASE, tmp_path / "nope.pkl")
-    with pytest.raises(CheckpointError, match="a weights folder must hold the TSD-SR LoRA files"):
+    with pytest.raises(CheckpointError, match="this folder is not the weights of any supported method"):
         load_pipeline(BASE, tmp_path)
     (tmp_path / "notes.txt").write_text("hello")
     with pytest.raises(CheckpointError, match="unknown file type '.txt'"):
         load_pipeline(BASE, tmp_path / "notes.txt")
     with pytest.raises(CheckpointError, match="base model not found"):
         load_pipeline(tmp_path / "missing-base", WEIGHTS)
-    with pytest.raises(CheckpointError, match="not a diffusers model folder; these weights need an SD2.1-base"):
+    with pytest.raises(CheckpointError, match="not a diffusers model folder; OSEDiff weights need an SD2.1-base"):
         load_pipeline(tmp_path, WEIGHTS)
 
 
@@ -128,10 +126,34 @@ def test_peft_and_fused_lora_agree(osediff_pipe, osediff_pipe_fused):
     assert any("lora_A" in n for n, _ in osediff_pipe.unet.named_parameters())
 
 
-def test_resolve_dtype():
+@pytest.mark.parametrize("fast_bf16,expected", [(True, torch.bfloat16), (False, torch.float32)])
+def test_resolve_dtype(monkeypatch, fast_bf16, expected):
     cpu = torch.device("cpu")
     assert resolve_dtype(None, cpu) == torch.float32
     assert resolve_dtype("bf16", cpu) == torch.bfloat16
-    assert resolve_dtype("auto", cpu) in (torch.bfloat16, torch.float32)
-    with pytest.raises(ValueError, match="dtype must be"):
-        resolve_dtype("int8", cpu)
+    assert resolve_dtype("fp16", cpu) == torch.float16
+    assert resolve_dtype(torch.float16, cpu) == torch.float16
+    monkeypatch.setattr(devices, "cpu_has_fast_bf16", lambda: fast_bf16)
+    assert resolve_dtype("auto", cpu) == expected
+    with pytest.raises(ValueError, match="dtype must be one of .*'fp8'"):
+        resolve_dtype("fp8", cpu)
+
+
+def test_cpu_bf16_detection_reads_the_cpu_flags(monkeypatch):
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True, raising=False)
+    assert devices.cpu_has_fast_bf16()
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)
+    assert not devices.cpu_has_fast_bf16()
+
+
+def test_unknown_device_and_missing_cuda_are_clear_errors(monkeypatch):
+    from onestep_sr.pipelines.loading import resolve_device
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(ValueError, match="device must be one of"):
+        resolve_device("gpu0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu")
+    with pytest.raises(ValueError, match="sees no CUDA GPU"):
+        resolve_device("cuda")

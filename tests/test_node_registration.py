@@ -30,14 +30,14 @@ def test_library_use_registers_nothing(clean_modules):
     assert not hasattr(onestep_sr, "NODE_CLASS_MAPPINGS") and not hasattr(onestep_sr, "comfy_entrypoint")
 
 
-def test_old_comfyui_gets_v1_only(clean_modules, tmp_path):
+def test_old_comfyui_without_v3_logs_one_line_and_registers_nothing(clean_modules, tmp_path, caplog):
     comfy_harness.uninstall_v3()
     comfy_harness.install(tmp_path, tmp_path)
-    exported = comfy_registration()
-    assert set(exported) == {"NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"}
-    import folder_paths
-
-    assert "onestep_sr" in folder_paths.folder_names_and_paths
+    with caplog.at_level("WARNING", logger="onestep_sr"):
+        exported = comfy_registration()
+    assert exported == {}
+    lines = [r for r in caplog.records if r.name == "onestep_sr"]
+    assert len(lines) == 1 and "0.3.48" in lines[0].getMessage() and "No nodes registered" in lines[0].getMessage()
 
 
 def test_v3_comfyui_gets_the_entrypoint_only(clean_modules, tmp_path):
@@ -47,12 +47,13 @@ def test_v3_comfyui_gets_the_entrypoint_only(clean_modules, tmp_path):
     assert set(exported) == {"comfy_entrypoint"}
     extension = asyncio.run(exported["comfy_entrypoint"]())
     node_classes = asyncio.run(extension.get_node_list())
-    from onestep_sr.nodes.specs import CATEGORY, NODES
+    from onestep_sr.nodes.sr_nodes import CATEGORY
 
-    assert [c.__name__ for c in node_classes] == [s.node_id for s in NODES]
+    assert [c.__name__ for c in node_classes] == [
+        "OneStepSRModelLoader", "OneStepSRPrompt", "OneStepSRUpscale", "OneStepSRTileSplit", "OneStepSRTileStitch"]
     for cls in node_classes:
         schema = cls.define_schema()
-        assert schema.node_id.startswith("OneStepSR") and schema.category == CATEGORY and schema.description
+        assert schema.node_id == cls.__name__ and schema.category == CATEGORY and schema.description
         for i in schema.inputs:
             assert i.kwargs["tooltip"], f"{schema.node_id}.{i.id} has no tooltip"
         assert all(o.kwargs["tooltip"] for o in schema.outputs)

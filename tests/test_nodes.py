@@ -1,4 +1,4 @@
-"""ComfyUI nodes without ComfyUI: schemas, execute functions, workflows, bad inputs (tests/comfy_harness.py)."""
+"""ComfyUI nodes without ComfyUI: V3 schemas, execute functions, workflows, bad inputs (tests/comfy_harness.py)."""
 
 import json
 
@@ -9,7 +9,7 @@ from PIL import Image
 
 import comfy_harness
 from helpers import OSEDIFF_PARITY, make_comfy_models
-from workflow_tools import WORKFLOWS, build, ui_to_api, workflow_graphs
+from workflow_tools import WORKFLOWS, build, ui_to_api, widget_values_by_name, workflow_graphs
 
 
 @pytest.fixture(scope="module")
@@ -17,18 +17,28 @@ def comfy(tmp_path_factory):
     """Models under the file names the workflows expect, an input image, and the stub ComfyUI modules."""
     models, inputs = make_comfy_models(tmp_path_factory.mktemp("comfy"))
     state = comfy_harness.install(models, inputs)
+    comfy_harness.install_v3()
     from onestep_sr.nodes import comfy_env
 
     comfy_env.register_model_folder()
     yield {"models": models, "input": inputs, "state": state}
+    comfy_harness.uninstall_v3()
     comfy_harness.uninstall()
+
+
+class Node:
+    """A V3 node class called as ComfyUI calls it: execute(**inputs) -> NodeOutput."""
+
+    def __init__(self, cls):
+        self.cls = cls
+
+    def run(self, **kwargs) -> tuple:
+        return self.cls.execute(**kwargs).args
 
 
 @pytest.fixture(scope="module")
 def nodes(comfy):
-    from onestep_sr.nodes.v1 import NODE_CLASS_MAPPINGS
-
-    return {name: cls() for name, cls in NODE_CLASS_MAPPINGS.items()}
+    return {name: Node(cls) for name, cls in comfy_harness.node_classes().items()}
 
 
 @pytest.fixture(scope="module")
@@ -42,22 +52,39 @@ def image_batch(n=1, h=12, w=10, c=3, seed=0):
     return torch.rand(n, h, w, c, generator=torch.Generator().manual_seed(seed))
 
 
-def test_schemas_have_ids_categories_and_tooltips(comfy):
-    from onestep_sr.nodes.specs import CATEGORY
-    from onestep_sr.nodes.v1 import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+def schema_inputs(node_id: str) -> dict:
+    return {i.id: i for i in comfy_harness.node_classes()[node_id].define_schema().inputs}
 
-    assert set(NODE_CLASS_MAPPINGS) == {"OneStepSRModelLoader", "OneStepSRPrompt", "OneStepSRUpscale",
-                                        "OneStepSRTileSplit", "OneStepSRTileStitch"}
-    for name, cls in NODE_CLASS_MAPPINGS.items():
-        assert cls.CATEGORY == CATEGORY and NODE_DISPLAY_NAME_MAPPINGS[name] and cls.DESCRIPTION
-        types = cls.INPUT_TYPES()
-        for section in ("required", "optional"):
-            for input_name, (kind, options) in types[section].items():
-                assert options.get("tooltip"), f"{name}.{input_name} has no tooltip"
-        assert len(cls.OUTPUT_TOOLTIPS) == len(cls.RETURN_TYPES)
-    loader = NODE_CLASS_MAPPINGS["OneStepSRModelLoader"].INPUT_TYPES()["required"]
-    assert loader["base"][0] == ["stable-diffusion-2-1-base", "stable-diffusion-3-medium-diffusers"]
-    assert loader["weights"][0] == ["tsdsr", "osediff.pkl"]
+
+def test_schemas_have_ids_categories_and_tooltips(comfy):
+    from onestep_sr.nodes.sr_nodes import CATEGORY
+
+    classes = comfy_harness.node_classes()
+    assert set(classes) == {"OneStepSRModelLoader", "OneStepSRPrompt", "OneStepSRUpscale", "OneStepSRTileSplit",
+                            "OneStepSRTileStitch"}
+    for name, cls in classes.items():
+        schema = cls.define_schema()
+        assert schema.category == CATEGORY and schema.display_name and schema.description
+        for i in schema.inputs:
+            assert i.kwargs.get("tooltip"), f"{name}.{i.id} has no tooltip"
+        assert all(o.kwargs.get("tooltip") and o.kwargs.get("display_name") for o in schema.outputs)
+    loader = schema_inputs("OneStepSRModelLoader")
+    assert loader["base"].kwargs["options"] == ["stable-diffusion-2-1-base", "stable-diffusion-3-medium-diffusers"]
+    # folder methods first (found by their marker file), then files; a folder's parts are not offered alone
+    assert loader["weights"].kwargs["options"] == ["tsdsr", "osediff.pkl"]
+    # the defaults are a pair of the same method (the first registered whose files are both present)
+    assert (loader["base"].kwargs["default"], loader["weights"].kwargs["default"]) == (
+        "stable-diffusion-2-1-base", "osediff.pkl")
+    assert loader["dtype"].kwargs["options"] == ["auto", "fp32", "bf16", "fp16"]
+
+
+def test_preferred_pair_matches_base_and_weights_by_method(comfy):
+    from onestep_sr.nodes.comfy_env import preferred_pair
+
+    assert preferred_pair(["stable-diffusion-3-medium-diffusers"], ["osediff.pkl", "tsdsr"]) == (
+        "stable-diffusion-3-medium-diffusers", "tsdsr")
+    assert preferred_pair(["other-base"], ["mine.pkl"]) == ("other-base", "mine.pkl")
+    assert preferred_pair([], []) == (None, None)
 
 
 def test_model_folder_is_merged_not_overwritten(comfy):
@@ -155,7 +182,7 @@ def test_missing_or_incompatible_weights_are_clear_errors(comfy, nodes):
 
 
 def test_prompt_node(nodes, osediff_node_pipe):
-    from onestep_sr.nodes.specs import PromptSpec
+    from onestep_sr.nodes.values import PromptSpec
 
     prompt = nodes["OneStepSRPrompt"]
     assert prompt.run(mode="text", text="a cat") == (PromptSpec("text", "a cat"),)
@@ -170,7 +197,7 @@ def test_prompt_node(nodes, osediff_node_pipe):
 
 
 def test_tsdsr_through_the_nodes(nodes):
-    from onestep_sr.nodes.specs import PromptSpec
+    from onestep_sr.nodes.values import PromptSpec
 
     (sr,) = nodes["OneStepSRModelLoader"].run(base="stable-diffusion-3-medium-diffusers", weights="tsdsr", dtype="fp32",
                                               device="cpu", fuse_lora=True)
@@ -211,13 +238,42 @@ def test_stitch_rejects_mismatched_tiles(nodes):
 
 
 @pytest.mark.parametrize("name", sorted(workflow_graphs()))
-def test_ui_workflow_is_its_api_twin(name):
+def test_ui_workflow_is_its_api_twin(comfy, name):
     ui = json.loads((WORKFLOWS / f"{name}.json").read_text())
     api = json.loads((WORKFLOWS / "api" / f"{name}.json").read_text())
     assert ui_to_api(ui) == {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in api.items()}
     assert ui["version"] == 0.4 and all("pos" in n and "widgets_values" in n for n in ui["nodes"])
     # the committed files are what the generator writes (no hand edits drifting from the node specs)
     assert (ui, api) == build(workflow_graphs()[name])
+
+
+def _fits(spec, value) -> bool:
+    kw = spec.kwargs
+    if spec.io_type == "COMBO":
+        return value in kw["options"]
+    if spec.io_type == "INT":
+        return isinstance(value, int) and not isinstance(value, bool) and kw["min"] <= value <= kw["max"]
+    if spec.io_type == "BOOLEAN":
+        return isinstance(value, bool)
+    return isinstance(value, str)
+
+
+@pytest.mark.parametrize("name", sorted(workflow_graphs()))
+def test_every_widget_value_of_a_shared_workflow_lands_on_its_input(comfy, name):
+    """The compatibility contract: widgets_values are stored by position, so the node schemas must keep the
+    names, order and accepted values that the committed (already shared) workflow files were written with."""
+    ui = json.loads((WORKFLOWS / f"{name}.json").read_text())
+    expected = {n["id"]: n["widgets"] for n in workflow_graphs()[name]}
+    for node in ui["nodes"]:
+        if not node["type"].startswith("OneStepSR"):
+            continue
+        by_name = widget_values_by_name(node)
+        assert by_name == expected[node["id"]], node["type"]
+        inputs = schema_inputs(node["type"])
+        for input_name, value in by_name.items():
+            assert _fits(inputs[input_name], value), f"{node['type']}.{input_name} = {value!r} does not fit"
+        for socket in node["inputs"]:
+            assert inputs[socket["name"]].io_type == socket["type"], f"{node['type']}.{socket['name']}"
 
 
 @pytest.mark.parametrize("name", sorted(workflow_graphs()))

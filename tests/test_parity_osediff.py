@@ -13,29 +13,17 @@ import pytest
 import torch
 
 from helpers import OSEDIFF_PARITY, png_to_tensor
+from helpers import OSEDIFF_RAW_ATOL as RAW_ATOL
+from helpers import assert_osediff_parity as assert_raw_parity
+from helpers import run_osediff_case as run_official_case
 from onestep_sr import OneStepSRPipeline, load_pipeline
-from onestep_sr.pipelines import checkpoints
+from onestep_sr.pipelines.methods import osediff
 from onestep_sr.pipelines.images import load_images, upsample_pil_bicubic
 
-RAW_ATOL = 1e-4
 # The official colour fix runs on the output truncated to 8 bits (an error in [0, 1/255)); we fix the
 # float output. adain removes the mean of that error and rescales the rest by std_src/std_out (~1 here),
 # wavelet keeps it in the high band: so the difference stays within one 8-bit level, plus RAW_ATOL.
 COLORFIX_ATOL = 1 / 255 + RAW_ATOL
-
-
-def run_official_case(pipe, case, **kwargs):
-    """The official call: torch.manual_seed(seed); forward(lq, prompt) -- with our public API."""
-    kwargs.setdefault("upscale", 1)
-    kwargs.setdefault("color_fix", "none")
-    image = kwargs.pop("image", case.lq * 0.5 + 0.5)
-    result = pipe(image, prompt=case.prompt, latent_sampling="sample", generator=case.generator(), output_type="pt", **kwargs)
-    return result.images
-
-
-def assert_raw_parity(images, case):
-    diff = (images * 2 - 1 - case.out[0]).abs().max().item()
-    assert diff <= RAW_ATOL, f"{case.name}: max |ours - official| = {diff:.3g} > {RAW_ATOL}"
 
 
 def test_parity_data_is_intact():
@@ -121,29 +109,25 @@ def _max_diff_after_reload(case):
 
 def test_wrong_lora_scale_breaks_parity(monkeypatch, parity_cases):
     # lora_alpha = r (scale 1.0) is what diffusers rebuilds for a LoRA saved without metadata
-    monkeypatch.setattr(checkpoints, "OSEDIFF_LORA_ALPHA", 4)
+    monkeypatch.setattr(osediff, "OSEDIFF_LORA_ALPHA", 4)
     assert _max_diff_after_reload(parity_cases[0]) > 100 * RAW_ATOL
 
 
 def test_base_conv_in_breaks_parity(monkeypatch, parity_cases):
-    import onestep_sr.pipelines.loading as loading
-
-    original = checkpoints.parse_osediff
+    original = osediff.parse_osediff
 
     def keep_base_conv_in(state, path="<w>"):
         weights = original(state, path)
         weights.unet_replacements.clear()
         return weights
 
-    monkeypatch.setattr(loading, "parse_osediff", keep_base_conv_in)
+    monkeypatch.setattr(osediff, "parse_osediff", keep_base_conv_in)
     assert _max_diff_after_reload(parity_cases[0]) > 100 * RAW_ATOL
 
 
 @pytest.mark.parametrize("drop", ["unet_mid_block_adapter", "vae_adapter"])
 def test_missing_adapter_breaks_parity(monkeypatch, parity_cases, drop):
-    import onestep_sr.pipelines.loading as loading
-
-    original = checkpoints.parse_osediff
+    original = osediff.parse_osediff
 
     def without(state, path="<w>"):
         weights = original(state, path)
@@ -154,5 +138,5 @@ def test_missing_adapter_breaks_parity(monkeypatch, parity_cases, drop):
                 del weights.unet_lora.factors[name]
         return weights
 
-    monkeypatch.setattr(loading, "parse_osediff", without)
+    monkeypatch.setattr(osediff, "parse_osediff", without)
     assert _max_diff_after_reload(parity_cases[0]) > 100 * RAW_ATOL

@@ -12,12 +12,14 @@ import pytest
 import torch
 
 from helpers import TSDSR_PARITY, png_to_tensor, tsdsr_cases
+from helpers import TSDSR_RAW_ATOL as RAW_ATOL
+from helpers import run_tsdsr_case as run_case
+from helpers import tsdsr_raw_diff as raw_diff
 from onestep_sr import CheckpointError, OneStepSRSD3Pipeline, load_pipeline
-from onestep_sr.pipelines import checkpoints, loading
+from onestep_sr.pipelines.methods import tsdsr
 from onestep_sr.pipelines.color_fix import adain_color_fix, wavelet_color_fix
 from onestep_sr.pipelines.images import load_images, upsample_torch_bicubic
 
-RAW_ATOL = 1e-4
 # colour fixes: the official ones run on the SR image truncated to 8 bits (error in [0, 1/255)), ours on the
 # float output; adain removes that error's mean and rescales it by std_src/std_out, wavelet keeps it in the
 # high band. One 8-bit level (x the adain std ratio, at most ~1.5 on these cases) plus RAW_ATOL bounds it.
@@ -48,15 +50,6 @@ def pipes():
 
     return get
 
-
-def run_case(pipe, case, image=None, upscale=1, color_fix="none"):
-    image = case.input["pixel_values"] * 0.5 + 0.5 if image is None else image
-    return pipe(image, upscale=upscale, color_fix=color_fix, latent_sampling="sample", generator=case.generator(),
-                output_type="pt").images
-
-
-def raw_diff(images, case) -> float:
-    return (images[0] * 2 - 1 - case.raw).abs().max().item()
 
 
 def test_parity_data_is_intact():
@@ -160,14 +153,14 @@ def test_shift_factor_breaks_parity(pipes, cases):
 
 def test_missing_vae_lora_or_wrong_scale_breaks_parity(monkeypatch, cases):
     case = cases[2]  # rank 4: peft's default lora_alpha=8 would give scale 2 instead of 1
-    original = checkpoints.parse_tsdsr_lora
+    original = tsdsr.parse_tsdsr_lora
 
     def scaled(state, path="<w>"):
         lora = original(state, path)
         lora.scale = 8 / 4
         return lora
 
-    monkeypatch.setattr(loading, "parse_tsdsr_lora", scaled)
+    monkeypatch.setattr(tsdsr, "parse_tsdsr_lora", scaled)
     pipe = load_pipeline(BASE, case.lora_dir, embeddings=EMBEDDINGS)
     pipe.set_progress_bar_config(disable=True)
     assert raw_diff(run_case(pipe, case), case) > 100 * RAW_ATOL
@@ -178,7 +171,7 @@ def test_missing_vae_lora_or_wrong_scale_breaks_parity(monkeypatch, cases):
             lora.factors.clear()
         return lora
 
-    monkeypatch.setattr(loading, "parse_tsdsr_lora", without_vae)
+    monkeypatch.setattr(tsdsr, "parse_tsdsr_lora", without_vae)
     pipe = load_pipeline(BASE, case.lora_dir, embeddings=EMBEDDINGS)
     pipe.set_progress_bar_config(disable=True)
     assert raw_diff(run_case(pipe, case), case) > 100 * RAW_ATOL

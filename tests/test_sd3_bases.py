@@ -6,11 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import TSDSR_PARITY, tsdsr_cases
+from helpers import TSDSR_PARITY, TSDSR_RAW_ATOL, run_tsdsr_case, tsdsr_cases, tsdsr_raw_diff
 from ldm_checkpoint import write_sd3_single_file
 from onestep_sr import CheckpointError, load_pipeline
+from onestep_sr.pipelines.demo_models import write_offline_clip_tokenizer
 from onestep_sr.pipelines.loading import SD3_MEDIUM_CONFIG
-from onestep_sr.pipelines.tiny_models import write_offline_clip_tokenizer
 
 BASE = TSDSR_PARITY / "tiny-sd3"
 LORA = TSDSR_PARITY / "lora"
@@ -18,15 +18,13 @@ EMBEDDINGS = TSDSR_PARITY / "embeddings"
 
 
 def test_single_file_sd3_base_reproduces_official(tmp_path):
-    from test_parity_tsdsr import RAW_ATOL, raw_diff, run_case
-
     single = write_sd3_single_file(BASE, tmp_path / "sd3-tiny.safetensors")
     config = tmp_path / "config"  # the tiny model's configs, as the bundled SD3-medium ones are for the real file
     shutil.copytree(BASE, config, ignore=shutil.ignore_patterns("*.safetensors"))
     pipe = load_pipeline(single, LORA, embeddings=EMBEDDINGS, base_config=config)
     pipe.set_progress_bar_config(disable=True)
     for case in tsdsr_cases()[:2]:
-        assert raw_diff(run_case(pipe, case), case) <= RAW_ATOL, case.id
+        assert tsdsr_raw_diff(run_tsdsr_case(pipe, case), case) <= TSDSR_RAW_ATOL, case.id
 
 
 def test_bundled_sd3_medium_config_and_wrong_single_files(tmp_path):
@@ -84,6 +82,4 @@ def test_custom_prompt_through_sd3_text_encoders(base_with_text_encoders):
     fixed = pipe(image, output_type="pt").images
     assert not torch.equal(fixed, out)
     case = tsdsr_cases()[0]
-    from test_parity_tsdsr import RAW_ATOL, raw_diff, run_case
-
-    assert raw_diff(run_case(pipe, case), case) <= RAW_ATOL
+    assert tsdsr_raw_diff(run_tsdsr_case(pipe, case), case) <= TSDSR_RAW_ATOL

@@ -7,10 +7,11 @@ import pytest
 import torch
 from diffusers import AutoencoderKL
 
-from onestep_sr.pipelines import tiling_options
-from onestep_sr.pipelines.tiled_vae import StreamedVAE
+from onestep_sr import Conditioning
+from onestep_sr.pipelines.tiling import plan as tiling_plan
 from onestep_sr.pipelines.tiling import blend_weights, run_tiled, tile_regions, tile_starts
-from onestep_sr.pipelines.tiling_options import TilingOptions
+from onestep_sr.pipelines.tiling.plan import DenoiserFacts
+from onestep_sr.pipelines.tiling.streamed_vae import StreamedVAE
 
 
 def psnr(a, b, peak=2.0):
@@ -47,12 +48,12 @@ def test_blending_is_normalised(blend):
 def test_one_tile_covering_the_latent_is_the_untiled_run(osediff_pipe_fused):
     pipe = osediff_pipe_fused
     g = torch.Generator().manual_seed(1)
-    latents, cond = torch.randn(1, 4, 30, 40, generator=g), torch.randn(1, 77, 32, generator=g)
+    latents, cond = torch.randn(1, 4, 30, 40, generator=g), Conditioning(torch.randn(1, 77, 32, generator=g))
     untiled = pipe.denoise(latents, cond)
-    one_tile = TilingOptions.resolve(pipe, 40, 8, 1, None, "gaussian")
-    assert torch.equal(pipe.denoise(latents, cond, one_tile), untiled)
+    one_tile = pipe.plan_tiling((30, 40), 40, 8, 1, None, "gaussian")
+    assert one_tile.tile_size is None and torch.equal(pipe.denoise(latents, cond, one_tile), untiled)
     # the tile_overlap/blend path is really used when the latent is bigger than the tile
-    tiled = pipe.denoise(latents, cond, TilingOptions.resolve(pipe, 16, 8, 2, None, "gaussian"))
+    tiled = pipe.denoise(latents, cond, pipe.plan_tiling((30, 40), 16, 8, 2, None, "gaussian"))
     assert not torch.equal(tiled, untiled) and psnr(tiled, untiled, peak=float(untiled.abs().max())) > 10
 
 
@@ -79,10 +80,10 @@ def vae_inputs():
 @pytest.mark.parametrize("tile", [16, 40, 64, 100])
 @pytest.mark.parametrize("lazy_upsample", [False, True], ids=["stored", "recomputed"])
 def test_streamed_vae_equals_untiled_without_attention(vae_inputs, tile, lazy_upsample, monkeypatch):
-    from onestep_sr.pipelines import tiled_vae
+    from onestep_sr.pipelines.tiling import streamed_vae
 
     # large maps are recomputed from the upsampler's input instead of stored; force either path
-    monkeypatch.setattr(tiled_vae, "LAZY_UPSAMPLE_BYTES", -1 if lazy_upsample else 1 << 40)
+    monkeypatch.setattr(streamed_vae, "LAZY_UPSAMPLE_BYTES", -1 if lazy_upsample else 1 << 40)
     vae = tiny_vae(attention=False)
     with torch.no_grad():
         posterior = vae.encode(vae_inputs).latent_dist
@@ -172,32 +173,41 @@ def test_progress_callback_counts_tiles_and_can_cancel(osediff_pipe_fused):
 def test_out_of_memory_halves_the_tile_and_retries(osediff_pipe_fused, monkeypatch):
     pipe = osediff_pipe_fused
     g = torch.Generator().manual_seed(5)
-    latents, cond = torch.randn(1, 4, 48, 48, generator=g), torch.randn(1, 77, 32, generator=g)
+    latents, cond = torch.randn(1, 4, 48, 48, generator=g), Conditioning(torch.randn(1, 77, 32, generator=g))
     real_unet_forward = type(pipe.unet).forward
-    seen = []
+    seen, limit = [], [16]
 
     def limited(self, sample, *args, **kwargs):
         seen.append(sample.shape[-1])
-        if sample.shape[-1] > 16:
+        if sample.shape[-1] > limit[0]:
             raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 bytes")
         return real_unet_forward(self, sample, *args, **kwargs)
 
-    expected = pipe.denoise(latents, cond, TilingOptions.resolve(pipe, 16, 8, 1, None, "gaussian"))
+    expected = pipe.denoise(latents, cond, pipe.plan_tiling((48, 48), 16, 8, 1, None, "gaussian"))
     monkeypatch.setattr(type(pipe.unet), "forward", limited)
-    out = pipe.denoise(latents, cond, TilingOptions.resolve(pipe, 32, 16, 1, None, "gaussian"))
+    out = pipe.denoise(latents, cond, pipe.plan_tiling((48, 48), 32, 16, 1, None, "gaussian"))
     assert seen[0] == 32 and 16 in seen
     torch.testing.assert_close(out, expected, atol=0, rtol=0)
+    # a run planned in one piece also falls back to tiles (half the latent, with the requested overlap)
+    seen.clear()
+    limit[0] = 24
+    out = pipe.denoise(latents, cond, pipe.plan_tiling((48, 48), None, 8, 1, None, "gaussian"))
+    assert seen[0] == 48 and set(seen[1:]) == {24}
+    reference = pipe.denoise(latents, cond, pipe.plan_tiling((48, 48), 24, 8, 1, None, "gaussian"))
+    torch.testing.assert_close(out, reference, atol=0, rtol=0)
 
 
 def test_auto_tile_size_follows_free_memory(osediff_pipe_fused, monkeypatch):
     pipe = osediff_pipe_fused
-    options = TilingOptions.resolve(pipe, "auto", 32, 1, "auto", "gaussian")
-    monkeypatch.setattr(tiling_options, "available_memory", lambda device: 1 << 40)
-    assert options.tile_for((300, 300)) == 96
-    tight = 2 * tiling_options.estimate_tile_bytes(pipe, 48, 1)
-    monkeypatch.setattr(tiling_options, "available_memory", lambda device: tight)
-    assert options.tile_for((300, 300)) == 48
-    assert options.tile_for((40, 40)) is None  # fits in one tile: untiled
+    monkeypatch.setattr(tiling_plan, "available_memory", lambda device: 1 << 40)
+    assert pipe.plan_tiling((300, 300)).tile_size == 96  # OSEDiff's official tile
+    assert pipe.plan_tiling((128, 100)).tile_size is None  # up to 128 latents in one piece
+    facts = DenoiserFacts(width=pipe.unet.config.block_out_channels[0], dtype=pipe.unet.dtype)
+    assert facts.tile_bytes(48, 1) == 64 * 48 * 48 * 32 * 4  # the measured workspace factor, 32 channels, fp32
+    tight = 2 * facts.tile_bytes(48, 1)
+    monkeypatch.setattr(tiling_plan, "available_memory", lambda device: tight)
+    assert pipe.plan_tiling((300, 300)).tile_size == 48
+    assert pipe.plan_tiling((40, 40)).tile_size is None  # fits in one tile: untiled
 
 
 @pytest.mark.parametrize("kw,message", [

@@ -10,8 +10,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from onestep_sr.nodes.specs import NODES
-
 WORKFLOWS = Path(__file__).resolve().parent.parent / "workflows"
 
 # widget order of the core nodes used here; "upload" is LoadImage's button widget (not a prompt input)
@@ -23,44 +21,55 @@ CORE_IO = {
 NOT_PROMPT_INPUTS = {"upload"}
 
 
+def _schema(class_type: str):
+    """The pack's V3 schema of a node (the stand-in comfy_api must be installed: see comfy_harness)."""
+    from comfy_harness import node_classes
+
+    classes = node_classes()
+    return classes[class_type].define_schema() if class_type in classes else None
+
+
 def widget_names(class_type: str) -> list[str]:
-    for spec in NODES:
-        if spec.node_id == class_type:
-            return spec.widget_names()
-    return CORE_WIDGETS[class_type]
+    """Inputs shown as widgets, in schema order: what a UI workflow's widgets_values lists by position."""
+    schema = _schema(class_type)
+    if schema is None:
+        return CORE_WIDGETS[class_type]
+    return [i.id for i in schema.inputs if i.is_widget]
 
 
 def seed_widgets(class_type: str) -> set[str]:
-    for spec in NODES:
-        if spec.node_id == class_type:
-            return {p.name for p in spec.inputs if p.control_after_generate}
-    return set()
+    """Widgets followed in widgets_values by their control_after_generate value ("fixed", "randomize")."""
+    schema = _schema(class_type)
+    return set() if schema is None else {i.id for i in schema.inputs if i.kwargs.get("control_after_generate")}
 
 
 def node_io(class_type: str) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
     """(socket inputs as (name, type), outputs as (name, type))."""
-    for spec in NODES:
-        if spec.node_id == class_type:
-            sockets = [(p.name, p.kind) for p in spec.inputs if p.kind not in ("INT", "FLOAT", "BOOLEAN", "COMBO")
-                       and (p.kind != "STRING" or p.force_input)]
-            return sockets, [(name, kind) for kind, name, _ in spec.outputs]
-    return CORE_IO[class_type]
+    schema = _schema(class_type)
+    if schema is None:
+        return CORE_IO[class_type]
+    sockets = [(i.id, i.io_type) for i in schema.inputs if not i.is_widget]
+    return sockets, [(o.kwargs["display_name"], o.io_type) for o in schema.outputs]
+
+
+def widget_values_by_name(node: dict) -> dict:
+    """A UI node's widgets_values read by position into {input name: value} (control values skipped)."""
+    values = list(node.get("widgets_values") or [])
+    names, seeds = widget_names(node["type"]), seed_widgets(node["type"])
+    found, i = {}, 0
+    for name in names:
+        found[name] = values[i]
+        i += 2 if name in seeds else 1
+    if i != len(values):
+        raise ValueError(f"{node['type']} has {len(values)} widget values; its schema reads {i}")
+    return found
 
 
 def ui_to_api(ui: dict) -> dict:
     links = {link[0]: link for link in ui["links"]}
     api = {}
     for node in ui["nodes"]:
-        inputs = {}
-        values = list(node.get("widgets_values") or [])
-        names = widget_names(node["type"])
-        seeds = seed_widgets(node["type"])
-        i = 0
-        for name in names:
-            inputs[name] = values[i]
-            i += 1
-            if name in seeds:
-                i += 1  # skip the control_after_generate value ("fixed", "randomize", ...)
+        inputs = widget_values_by_name(node)
         for name in NOT_PROMPT_INPUTS:
             inputs.pop(name, None)
         for socket in node.get("inputs", []):
@@ -163,5 +172,12 @@ def build_workflows(folder: Path = WORKFLOWS) -> list[Path]:
 
 
 if __name__ == "__main__":
-    for p in build_workflows():
-        print(p)
+    import tempfile
+
+    import comfy_harness
+
+    with tempfile.TemporaryDirectory() as tmp:  # the stand-in ComfyUI the schemas are read from
+        comfy_harness.install(Path(tmp), Path(tmp))
+        comfy_harness.install_v3()
+        for p in build_workflows():
+            print(p)

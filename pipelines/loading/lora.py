@@ -2,12 +2,39 @@
 
 from __future__ import annotations
 
+import os
 import re
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from .checkpoints import CheckpointError, LoRAWeights
+from .files import CheckpointError
+
+
+@dataclass
+class LoRAWeights:
+    """LoRA factors per module name: A is (r, in[, kh, kw]), B is (out, r[, 1, 1]); delta = scale * B @ A."""
+
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    scale: float
+
+
+def collect_lora_factors(sd: dict[str, torch.Tensor], path: str | os.PathLike) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Group peft keys `<module>.lora_A.<adapter>.weight` by module; adapters are merged (disjoint targets)."""
+    a_parts: dict[str, torch.Tensor] = {}
+    b_parts: dict[str, torch.Tensor] = {}
+    for key, value in sd.items():
+        for marker, parts in ((".lora_A.", a_parts), (".lora_B.", b_parts)):
+            if marker in key:
+                module = key.split(marker)[0]
+                if module in parts:
+                    raise CheckpointError(f"{path}: module {module} has LoRA weights in more than one adapter")
+                parts[module] = value
+    if a_parts.keys() != b_parts.keys():
+        missing = sorted(a_parts.keys() ^ b_parts.keys())[:5]
+        raise CheckpointError(f"{path}: LoRA A/B factors do not pair up (e.g. {missing}); the file looks truncated")
+    return {m: (a_parts[m], b_parts[m]) for m in a_parts}
 
 
 def apply_lora(model: nn.Module, lora: LoRAWeights, *, fuse: bool, adapter_name: str, source: str) -> None:

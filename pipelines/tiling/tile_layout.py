@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .tiling import tile_starts
+from .denoiser import tile_starts
 
 
 @dataclass(frozen=True)

@@ -12,11 +12,7 @@ from typing import Callable, Iterator
 
 import torch
 
-BLEND_MODES = ("gaussian", "linear")
-# Official OSEDiff latent tiling: 96 latent pixels (768 image pixels for SD), 32 overlap.
-DEFAULT_TILE_SIZE = 96
-DEFAULT_TILE_OVERLAP = 32
-MIN_TILE_SIZE = 16
+from ..options import BLEND_MODES
 
 
 def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
@@ -57,17 +53,20 @@ def blend_weights(height: int, width: int, mode: str, overlap: int, device=None)
 def run_tiled(
     model: Callable[[torch.Tensor], torch.Tensor],
     latents: torch.Tensor,
-    tile_size: int,
-    overlap: int,
+    tile_size: int | None,
+    overlap: int = 0,
     batch_size: int = 1,
     blend: str = "gaussian",
     on_tile: Callable[[int], None] | None = None,
 ) -> torch.Tensor:
-    """model(latent tiles) -> outputs of the same shape, blended into one (N, C, H, W) float32 map."""
+    """model(latent tiles) -> outputs of the same shape, blended into one (N, C, H, W) float32 map.
+
+    tile_size None (or a latent that fits in one tile) runs the model once on the whole latent.
+    """
     height, width = latents.shape[-2:]
-    if overlap >= tile_size:
+    if tile_size is not None and overlap >= tile_size:
         raise ValueError(f"tile_overlap ({overlap}) must be smaller than tile_size ({tile_size})")
-    regions = list(tile_regions(height, width, tile_size, overlap))
+    regions = [(0, height, 0, width)] if tile_size is None else list(tile_regions(height, width, tile_size, overlap))
     if len(regions) == 1:
         out = model(latents).float()
         if on_tile:

@@ -1,4 +1,4 @@
-"""Tiny randomly initialised SD2.1-style models, built offline.
+"""Demo fixtures: tiny randomly initialised SD2.1-style models and OSEDiff-format weights, built offline.
 
 For `--demo` (a new user sees the whole path work without any weights) and for tests. The
 models are untrained: their output is a colour-corrected smear, not a super-resolved image.
@@ -130,3 +130,10 @@ def make_osediff_checkpoint(base: str | os.PathLike, path: str | os.PathLike, ra
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(checkpoint, path)
     return path
+
+
+def build_demo_model(folder: str | os.PathLike) -> tuple[Path, Path]:
+    """(base, weights) of a tiny untrained model in `folder`, as `--demo` runs it."""
+    folder = Path(folder)
+    base = build_tiny_sd_base(folder / "base")
+    return base, make_osediff_checkpoint(base, folder / "osediff.pkl")

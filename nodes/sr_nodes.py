@@ -1,0 +1,307 @@
+"""The ComfyUI nodes (V3 API, `comfy_api.latest`): a schema and a few lines that call library code each.
+
+Compatibility contract: node ids, input names (and their order: UI workflows store widget values by
+position) and output types never change, so every shared workflow keeps loading.
+"""
+
+from __future__ import annotations
+
+from comfy_api.latest import ComfyExtension, io
+
+from ..pipelines.methods import registered_methods
+from ..pipelines.options import BLEND_MODES, COLOR_FIX_METHODS, DEVICE_NAMES, DTYPE_NAMES, LATENT_SAMPLING_MODES
+from . import comfy_env
+from .values import PIPE_TYPE, PROMPT_MODES, PROMPT_TYPE, TILES_TYPE, load_sr_model, make_prompt, split, stitch, upscale_batch
+
+CATEGORY = "image/upscaling/one-step SR"
+SRPipe = io.Custom(PIPE_TYPE)
+SRPrompt = io.Custom(PROMPT_TYPE)
+SRTiles = io.Custom(TILES_TYPE)
+
+
+def _method_names() -> str:
+    return ", ".join(m.display_name for m in registered_methods())
+
+
+def _auto(value: int, auto_below: int):
+    """Node widgets spell "auto" as 0 (sizes) or -1 (overlap); the pipelines take the string."""
+    return "auto" if value < auto_below else value
+
+
+class OneStepSRModelLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        bases, weights = comfy_env.list_base_models(), comfy_env.list_sr_weights()
+        base_default, weights_default = comfy_env.preferred_pair(bases, weights)
+        methods = registered_methods()
+        return io.Schema(
+            node_id="OneStepSRModelLoader",
+            display_name="One-step SR Model Loader",
+            category=CATEGORY,
+            description=f"Loads a base model plus one-step SR weights ({_method_names()}); the method is detected "
+            "from the files. Cached by ComfyUI while the inputs stay the same.",
+            inputs=[
+                io.Combo.Input(
+                    "base",
+                    options=bases,
+                    default=base_default,
+                    tooltip="Base model (" + "; ".join(f"{m.display_name}: {m.base.name}" for m in methods) + "). "
+                    "Diffusers folders from models/diffusers, single files from models/checkpoints.",
+                ),
+                io.Combo.Input(
+                    "weights",
+                    options=weights,
+                    default=weights_default,
+                    tooltip="SR weights from models/onestep_sr ("
+                    + "; ".join(f"{m.display_name}: {m.default_weights}" for m in methods)
+                    + ").",
+                ),
+                io.Combo.Input(
+                    "dtype",
+                    options=list(DTYPE_NAMES),
+                    default="auto",
+                    tooltip="Precision. auto: bf16 where the hardware runs it fast, else fp16 on GPUs, else fp32.",
+                ),
+                io.Combo.Input(
+                    "device",
+                    options=list(DEVICE_NAMES),
+                    default="auto",
+                    tooltip="Where the models run. auto: ComfyUI's device; they rest on its offload device between runs.",
+                ),
+                io.Boolean.Input(
+                    "fuse_lora", default=True, tooltip="Merge the LoRA into the weights (faster). Off keeps separate LoRA layers."
+                ),
+            ],
+            outputs=[SRPipe.Output(display_name="sr_model", tooltip="The loaded one-step SR pipeline.")],
+        )
+
+    @classmethod
+    def execute(cls, base: str, weights: str, dtype: str, device: str, fuse_lora: bool) -> io.NodeOutput:
+        return io.NodeOutput(load_sr_model(base, weights, dtype, device, fuse_lora))
+
+
+class OneStepSRPrompt(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="OneStepSRPrompt",
+            display_name="One-step SR Prompt",
+            category=CATEGORY,
+            description="How the denoiser is conditioned: the weights' own default, your text, or the empty prompt. "
+            "A STRING from any node (e.g. a captioner) can be connected to text_input.",
+            inputs=[
+                io.Combo.Input(
+                    "mode",
+                    options=list(PROMPT_MODES),
+                    default="model default",
+                    tooltip="model default: the weights' fixed/learned embedding if they have one, else the empty "
+                    "prompt; text: the text below; none: the empty prompt through the text encoders (models with a "
+                    "fixed embedding and no text encoders need 'model default').",
+                ),
+                io.String.Input(
+                    "text", default="", multiline=True, tooltip="Prompt text for mode 'text' (needs a model with text encoders)."
+                ),
+                io.String.Input(
+                    "text_input",
+                    optional=True,
+                    force_input=True,
+                    tooltip="Optional prompt from another node; when connected it is used as the text.",
+                ),
+            ],
+            outputs=[SRPrompt.Output(display_name="prompt", tooltip="Conditioning choice for One-step SR Upscale.")],
+        )
+
+    @classmethod
+    def execute(cls, mode: str, text: str, text_input: str | None = None) -> io.NodeOutput:
+        return io.NodeOutput(make_prompt(mode, text, text_input))
+
+
+class OneStepSRUpscale(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        tile_help = "latent pixels (x8 image pixels for SD); 0 = automatic (from free memory; the method's official size)"
+        return io.Schema(
+            node_id="OneStepSRUpscale",
+            display_name="One-step SR Upscale",
+            category=CATEGORY,
+            description="Upscales an image batch with one denoising step (items one at a time). RGBA: alpha is "
+            "upscaled separately and re-attached; grayscale is treated as RGB. Cancel stops between tiles.",
+            inputs=[
+                SRPipe.Input("sr_model", tooltip="From One-step SR Model Loader."),
+                io.Image.Input("image", tooltip="Images to upscale (any batch size)."),
+                io.Int.Input(
+                    "upscale",
+                    default=4,
+                    min=1,
+                    max=8,
+                    step=1,
+                    tooltip="Scale factor: the output is exactly this many times the input size.",
+                ),
+                io.Combo.Input(
+                    "color_fix",
+                    options=["auto", *COLOR_FIX_METHODS],
+                    default="auto",
+                    tooltip="Colour correction against the input. auto: the method's own.",
+                ),
+                io.Int.Input("tile_size", default=0, min=0, max=512, step=8, tooltip="Denoiser tile size in " + tile_help),
+                io.Int.Input(
+                    "tile_overlap",
+                    default=-1,
+                    min=-1,
+                    max=256,
+                    step=1,
+                    tooltip="Denoiser tile overlap in latent pixels; -1 = the method's default.",
+                ),
+                io.Int.Input(
+                    "vae_tile_size",
+                    default=0,
+                    min=0,
+                    max=4096,
+                    step=64,
+                    tooltip="VAE tile size in image pixels; 0 = automatic (512). Tiled VAE gives the untiled result "
+                    "(statistics are pooled over the whole image).",
+                ),
+                io.Int.Input(
+                    "seed",
+                    default=0,
+                    min=0,
+                    max=2**63 - 1,
+                    control_after_generate=True,
+                    tooltip="Seed for latent_sampling 'sample' (batch item i uses seed + i).",
+                ),
+                io.Combo.Input(
+                    "latent_sampling",
+                    options=list(LATENT_SAMPLING_MODES),
+                    default="mode",
+                    tooltip="mode: deterministic; sample: a posterior draw, as the official code.",
+                ),
+                io.Int.Input(
+                    "tile_batch_size",
+                    default=1,
+                    min=1,
+                    max=64,
+                    step=1,
+                    tooltip="Denoiser tiles per model call (more is faster on big GPUs, uses more memory).",
+                ),
+                io.Combo.Input(
+                    "blend",
+                    options=list(BLEND_MODES),
+                    default="gaussian",
+                    tooltip="Weighting of overlapping denoiser tiles: gaussian (as upstream) or linear feather.",
+                ),
+                SRPrompt.Input(
+                    "prompt", optional=True, tooltip="Optional conditioning from One-step SR Prompt (default: model default)."
+                ),
+            ],
+            outputs=[io.Image.Output(display_name="image", tooltip="The upscaled images.")],
+        )
+
+    @classmethod
+    def execute(
+        cls,
+        sr_model,
+        image,
+        upscale: int,
+        color_fix: str,
+        tile_size: int,
+        tile_overlap: int,
+        vae_tile_size: int,
+        seed: int,
+        latent_sampling: str,
+        tile_batch_size: int = 1,
+        blend: str = "gaussian",
+        prompt=None,
+    ) -> io.NodeOutput:
+        images = upscale_batch(
+            sr_model,
+            image,
+            prompt,
+            seed,
+            upscale=upscale,
+            color_fix=None if color_fix == "auto" else color_fix,
+            latent_sampling=latent_sampling,
+            tile_size=_auto(tile_size, 1),
+            tile_overlap=_auto(tile_overlap, 0),
+            vae_tile_size=_auto(vae_tile_size, 1),
+            tile_batch_size=tile_batch_size,
+            blend=blend,
+        )
+        return io.NodeOutput(images)
+
+
+class OneStepSRTileSplit(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="OneStepSRTileSplit",
+            display_name="One-step SR Tile Split",
+            category=CATEGORY,
+            description="Splits images into overlapping tiles (one batch) so any node can process them; Tile Stitch "
+            "puts them back.",
+            inputs=[
+                io.Image.Input("image", tooltip="Images to split."),
+                io.Int.Input(
+                    "tile_size",
+                    default=512,
+                    min=16,
+                    max=8192,
+                    step=8,
+                    tooltip="Tile size in pixels (edge tiles are shifted inwards, so all tiles are equal).",
+                ),
+                io.Int.Input(
+                    "overlap",
+                    default=64,
+                    min=0,
+                    max=4096,
+                    step=8,
+                    tooltip="Overlap between neighbouring tiles in pixels (blended when stitching).",
+                ),
+            ],
+            outputs=[
+                io.Image.Output(display_name="tiles", tooltip="All tiles as one batch."),
+                SRTiles.Output(display_name="layout", tooltip="Where each tile goes, for Tile Stitch."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, image, tile_size: int, overlap: int) -> io.NodeOutput:
+        return io.NodeOutput(*split(image, tile_size, overlap))
+
+
+class OneStepSRTileStitch(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="OneStepSRTileStitch",
+            display_name="One-step SR Tile Stitch",
+            category=CATEGORY,
+            description="Stitches a processed tile batch back with feathered blending; tiles may have been scaled by "
+            "any integer factor.",
+            inputs=[
+                io.Image.Input("tiles", tooltip="The tiles from Tile Split, processed by any nodes, same order."),
+                SRTiles.Input("layout", tooltip="The layout output of the Tile Split node."),
+            ],
+            outputs=[io.Image.Output(display_name="image", tooltip="The stitched images.")],
+        )
+
+    @classmethod
+    def execute(cls, tiles, layout) -> io.NodeOutput:
+        return io.NodeOutput(stitch(tiles, layout))
+
+
+NODE_CLASSES: list[type[io.ComfyNode]] = [
+    OneStepSRModelLoader,
+    OneStepSRPrompt,
+    OneStepSRUpscale,
+    OneStepSRTileSplit,
+    OneStepSRTileStitch,
+]
+
+
+class OneStepSRExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return NODE_CLASSES
+
+
+async def comfy_entrypoint() -> ComfyExtension:
+    return OneStepSRExtension()

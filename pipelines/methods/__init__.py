@@ -1,0 +1,128 @@
+"""Supported SR methods (one module each) and the two entry points that walk them.
+
+To add a method: write `methods/<name>.py` defining `detect`, `build` and one registered `Method`
+(see osediff.py), and import it below. Nothing else in the package names a method.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..loading.devices import prepare_for_inference, resolve_device, resolve_dtype
+from ..loading.files import CheckpointError
+from .registry import (
+    BaseModel,
+    BuildOptions,
+    Method,
+    WeightFile,
+    component_files,
+    detect_method,
+    folder_markers,
+    get_method,
+    looks_like_folder_of,
+    method_of,
+    register,
+    registered_methods,
+    unregister,
+)
+
+# The built-in methods, in the order they are tried and listed.
+from . import osediff, tsdsr  # noqa: E402, F401  (registers them)
+
+__all__ = [
+    "BaseModel",
+    "BuildOptions",
+    "Method",
+    "WeightFile",
+    "component_files",
+    "convert_to_diffusers",
+    "detect_method",
+    "folder_markers",
+    "get_method",
+    "load_pipeline",
+    "load_converted",
+    "looks_like_folder_of",
+    "method_of",
+    "register",
+    "registered_methods",
+    "unregister",
+]
+
+
+def load_pipeline(
+    base: str | os.PathLike,
+    weights: str | os.PathLike,
+    dtype: Any = None,
+    device: Any = None,
+    fuse_lora: bool = True,
+    base_config: str | os.PathLike | None = None,
+    method: str | None = None,
+    **method_options: Any,
+):
+    """A ready pipeline from a base model and official SR weights; the method is detected from the files.
+
+    Args:
+        base: the base model the method needs, as a diffusers folder or a single-file checkpoint
+            (e.g. SD2.1-base for OSEDiff, SD3-medium for TSD-SR; see `registered_methods()`).
+        weights: the official SR weights (a file, or a folder for methods whose weights are several files).
+        dtype: None (fp32), "auto", "fp32", "bf16", "fp16" or a torch dtype.
+        device: None (stay on CPU), "auto", or any torch device string.
+        fuse_lora: merge the LoRA into the base weights (default: faster, no peft layers remain);
+            False keeps peft LoRA layers (inspectable, can be disabled or unfused).
+        base_config: configs for a single-file base (default: the configs bundled for the method's base).
+        method: a registered method id, to skip detection.
+        **method_options: files only some methods take, e.g. TSD-SR's `embeddings=` (a folder with
+            prompt_embeds.pt + pool_embeds.pt, or one safetensors file with both).
+    """
+    device = resolve_device(device) if device is not None else torch.device("cpu")
+    dtype = resolve_dtype(dtype, device)
+    found, probe = detect_method(weights, method)
+    unknown = {k for k, v in method_options.items() if v is not None} - set(found.extra_options)
+    if unknown:
+        raise ValueError(
+            f"{found.display_name} takes no option(s) {sorted(unknown)}"
+            + (f"; it takes {list(found.extra_options)}" if found.extra_options else "")
+        )
+    options = BuildOptions(dtype=dtype, fuse_lora=fuse_lora, base_config=base_config, extra=method_options)
+    pipe = found.build(base, probe, options)
+    return prepare_for_inference(pipe, device, dtype)
+
+
+def convert_to_diffusers(
+    base: str | os.PathLike,
+    weights: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    base_config: str | os.PathLike | None = None,
+    **method_options: Any,
+) -> Path:
+    """Write a self-contained diffusers folder (safetensors, LoRA fused) that `load_converted` (or the method's
+    pipeline class's `from_pretrained`) reads offline and that produces the same images.
+
+    The LoRA is fused first: saving a model that still holds peft layers writes wrapped keys that
+    reload as random weights, and a separate LoRA file without metadata reloads at the wrong scale.
+    """
+    pipe = load_pipeline(base, weights, fuse_lora=True, base_config=base_config, **method_options)
+    out_dir = Path(out_dir)
+    pipe.save_pretrained(out_dir, safe_serialization=True)
+    return out_dir
+
+
+def load_converted(folder: str | os.PathLike, dtype: Any = None, device: Any = None):
+    """A folder written by `convert_to_diffusers`, loaded with the pipeline class its model_index.json names."""
+    folder = Path(folder)
+    index = folder / "model_index.json"
+    if not index.is_file():
+        raise CheckpointError(f"{folder}: not a converted pipeline folder (no model_index.json)")
+    class_name = json.loads(index.read_text()).get("_class_name")
+    classes = {m.pipeline_class.__name__: m.pipeline_class for m in registered_methods()}
+    if class_name not in classes:
+        raise CheckpointError(f"{folder}: model_index.json names {class_name!r}; expected one of {sorted(classes)}")
+    device = resolve_device(device) if device is not None else torch.device("cpu")
+    dtype = resolve_dtype(dtype, device)
+    pipe = classes[class_name].from_pretrained(folder, local_files_only=True)
+    return prepare_for_inference(pipe, device, dtype)

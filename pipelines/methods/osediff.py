@@ -1,0 +1,91 @@
+"""OSEDiff (cswry/OSEDiff): SD2.1-base UNet + VAE encoder with LoRA, one step at t = 999.
+
+Weights: `osediff.pkl`, a plain torch.save dict with keys state_dict_unet, state_dict_vae (peft
+LoRA keys in three UNet adapters and one VAE-encoder adapter, plus the fully retrained UNet
+`conv_in` as `conv_in.base_layer.*`), rank_unet and rank_vae.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..loading.bases import load_sd_base
+from ..loading.files import CheckpointError, WeightsProbe
+from ..loading.lora import LoRAWeights, apply_lora, collect_lora_factors, replace_weights
+from ..options import TileDefaults
+from ..pipeline_onestep_sr import OneStepSRPipeline
+from .registry import BaseModel, BuildOptions, Method, WeightFile, register
+
+# peft's default lora_alpha, which OSEDiff never overrides: every delta is (8 / rank) * B @ A.
+OSEDIFF_LORA_ALPHA = 8
+OSEDIFF_KEYS = {"state_dict_unet", "state_dict_vae", "rank_unet", "rank_vae"}
+TIMESTEP = 999
+
+
+@dataclass
+class OSEDiffWeights:
+    unet_lora: LoRAWeights
+    vae_lora: LoRAWeights
+    unet_replacements: dict[str, torch.Tensor] = field(default_factory=dict)  # e.g. conv_in.weight
+
+
+def detect(probe: WeightsProbe) -> bool:
+    return not probe.is_dir and OSEDIFF_KEYS <= probe.keys().keys()
+
+
+def parse_osediff(state: dict[str, Any], path: str | os.PathLike = "<weights>") -> OSEDiffWeights:
+    try:
+        rank_unet, rank_vae = int(state["rank_unet"]), int(state["rank_vae"])
+        unet_sd, vae_sd = state["state_dict_unet"], state["state_dict_vae"]
+    except (KeyError, TypeError, ValueError) as err:
+        raise CheckpointError(f"{path}: malformed OSEDiff checkpoint: {err}") from err
+    replacements = {}
+    for key, value in unet_sd.items():
+        if ".base_layer." in key:  # a fully retrained base layer (conv_in in OSEDiff)
+            replacements[key.replace(".base_layer.", ".")] = value
+    unet_lora = LoRAWeights(collect_lora_factors(unet_sd, path), OSEDIFF_LORA_ALPHA / rank_unet)
+    vae_lora = LoRAWeights(collect_lora_factors(vae_sd, path), OSEDIFF_LORA_ALPHA / rank_vae)
+    for name, lora, rank in (("UNet", unet_lora, rank_unet), ("VAE", vae_lora, rank_vae)):
+        ranks = {a.shape[0] for a, _ in lora.factors.values()}
+        if ranks and ranks != {rank}:
+            raise CheckpointError(f"{path}: the {name} LoRA factors have rank {sorted(ranks)} but the file says {rank}")
+    return OSEDiffWeights(unet_lora=unet_lora, vae_lora=vae_lora, unet_replacements=replacements)
+
+
+def build(base: str | os.PathLike, probe: WeightsProbe, options: BuildOptions) -> OneStepSRPipeline:
+    sr = parse_osediff(probe.state(), probe.path)
+    components = load_sd_base(base, options.base_config, options.dtype, needed_by="OSEDiff weights")
+    source = str(probe.path)
+    # conv_in is retrained in full: replace the base layer first, then add its LoRA on top.
+    replace_weights(components["unet"], sr.unet_replacements, source)
+    apply_lora(components["unet"], sr.unet_lora, fuse=options.fuse_lora, adapter_name="osediff", source=source)
+    apply_lora(components["vae"], sr.vae_lora, fuse=options.fuse_lora, adapter_name="osediff", source=source)
+    return OneStepSRPipeline(**components, timestep=TIMESTEP, method=METHOD.id)
+
+
+METHOD = register(
+    Method(
+        id="osediff",
+        display_name="OSEDiff",
+        pipeline_class=OneStepSRPipeline,
+        detect=detect,
+        build=build,
+        weight_files=(WeightFile("osediff.pkl", "cswry/OSEDiff, preset/models/osediff.pkl"),),
+        base=BaseModel(
+            name="SD2.1-base",
+            folder="stable-diffusion-2-1-base",
+            single_files=("v2-1_512-ema-pruned.safetensors", "v2-1_512-ema-pruned.ckpt"),
+            hint="a diffusers folder with unet/ vae/ text_encoder/ tokenizer/ scheduler/, or a single file "
+            "such as v2-1_512-ema-pruned.safetensors",
+        ),
+        # official: adain colour fix, latent tiles of 96 with 32 overlap, Gaussian weights
+        defaults=TileDefaults(color_fix="adain", tile_size=96, tile_overlap=32),
+        licence="OSEDiff code and weights: Apache-2.0 (cswry/OSEDiff). The SD2.1-base base model: "
+        "CreativeML Open RAIL++-M (stabilityai).",
+        aliases=("OSEDiff", "one-step effective diffusion"),
+    )
+)

@@ -1,0 +1,5 @@
+"""Model classes of our own (diffusers-style: ModelMixin + ConfigMixin), for parts diffusers does not have."""
+
+from .prompt_embedding import PromptEmbedding
+
+__all__ = ["PromptEmbedding"]
