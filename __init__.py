@@ -44,6 +44,6 @@ __all__ = [
 __version__ = "0.1.0"
 
 # Inside ComfyUI this exports the V3 `comfy_entrypoint`; elsewhere nothing.
-from .nodes import comfy_registration as _comfy_registration  # noqa: E402
+from .nodes import comfy_registration as _comfy_registration
 
 globals().update(_comfy_registration())

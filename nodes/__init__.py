@@ -19,8 +19,11 @@ def comfy_registration() -> dict:
             import folder_paths  # noqa: F401  (a ComfyUI without the V3 API)
         except ImportError:
             return {}  # plain library use: no ComfyUI here
-        logger.warning("onestep-sr: this ComfyUI has no V3 node API (comfy_api.latest); update ComfyUI to >= %s "
-                       "to use the one-step SR nodes. No nodes registered.", MIN_COMFYUI)
+        logger.warning(
+            "onestep-sr: this ComfyUI has no V3 node API (comfy_api.latest); update ComfyUI to >= %s "
+            "to use the one-step SR nodes. No nodes registered.",
+            MIN_COMFYUI,
+        )
         return {}
     from . import comfy_env
     from .sr_nodes import comfy_entrypoint

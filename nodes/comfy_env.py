@@ -9,8 +9,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -34,7 +35,10 @@ def register_model_folder() -> None:
     paths = list(paths)
     if default_dir not in paths:
         paths.append(default_dir)
-    fp.folder_names_and_paths[MODEL_FOLDER] = (paths, set(exts) | set(fp.supported_pt_extensions) | set(WEIGHT_SUFFIXES))
+    fp.folder_names_and_paths[MODEL_FOLDER] = (
+        paths,
+        set(exts) | set(fp.supported_pt_extensions) | set(WEIGHT_SUFFIXES),
+    )
 
 
 def _folders(name: str) -> list[str]:
@@ -60,10 +64,8 @@ def list_base_models() -> list[str]:
     """Diffusers folders (models/diffusers/*/model_index.json) and single-file checkpoints (models/checkpoints)."""
     fp = _folder_paths()
     names = sorted(_subdirs_with("diffusers", "model_index.json"))
-    try:
+    with contextlib.suppress(KeyError):  # a ComfyUI without a checkpoints folder
         names += [f for f in fp.get_filename_list("checkpoints") if f not in names]
-    except KeyError:
-        pass
     return names
 
 
@@ -75,7 +77,8 @@ def resolve_base_model(name: str) -> str:
     if path:
         return path
     raise FileNotFoundError(
-        f"base model {name!r} not found: put a diffusers folder in models/diffusers/ or a single file in models/checkpoints/"
+        f"base model {name!r} not found: put a diffusers folder in models/diffusers/ "
+        "or a single file in models/checkpoints/"
     )
 
 
@@ -91,8 +94,11 @@ def list_sr_weights() -> list[str]:
     """
     fp = _folder_paths()
     parts = component_files()
-    files = [f for f in fp.get_filename_list(MODEL_FOLDER)
-             if os.path.splitext(f)[1].lower() in WEIGHT_SUFFIXES and os.path.basename(f) not in parts]
+    files = [
+        f
+        for f in fp.get_filename_list(MODEL_FOLDER)
+        if os.path.splitext(f)[1].lower() in WEIGHT_SUFFIXES and os.path.basename(f) not in parts
+    ]
     return sorted(_weight_folders()) + sorted(files)
 
 

@@ -11,7 +11,17 @@ from comfy_api.latest import ComfyExtension, io
 from ..pipelines.methods import registered_methods
 from ..pipelines.options import BLEND_MODES, COLOR_FIX_METHODS, DEVICE_NAMES, DTYPE_NAMES, LATENT_SAMPLING_MODES
 from . import comfy_env
-from .values import PIPE_TYPE, PROMPT_MODES, PROMPT_TYPE, TILES_TYPE, load_sr_model, make_prompt, split, stitch, upscale_batch
+from .values import (
+    PIPE_TYPE,
+    PROMPT_MODES,
+    PROMPT_TYPE,
+    TILES_TYPE,
+    load_sr_model,
+    make_prompt,
+    split,
+    stitch,
+    upscale_batch,
+)
 
 CATEGORY = "image/upscaling/one-step SR"
 SRPipe = io.Custom(PIPE_TYPE)
@@ -66,10 +76,13 @@ class OneStepSRModelLoader(io.ComfyNode):
                     "device",
                     options=list(DEVICE_NAMES),
                     default="auto",
-                    tooltip="Where the models run. auto: ComfyUI's device; they rest on its offload device between runs.",
+                    tooltip="Where the models run. auto: ComfyUI's device; they rest on its offload device "
+                    "between runs.",
                 ),
                 io.Boolean.Input(
-                    "fuse_lora", default=True, tooltip="Merge the LoRA into the weights (faster). Off keeps separate LoRA layers."
+                    "fuse_lora",
+                    default=True,
+                    tooltip="Merge the LoRA into the weights (faster). Off keeps separate LoRA layers.",
                 ),
             ],
             outputs=[SRPipe.Output(display_name="sr_model", tooltip="The loaded one-step SR pipeline.")],
@@ -99,7 +112,10 @@ class OneStepSRPrompt(io.ComfyNode):
                     "fixed embedding and no text encoders need 'model default').",
                 ),
                 io.String.Input(
-                    "text", default="", multiline=True, tooltip="Prompt text for mode 'text' (needs a model with text encoders)."
+                    "text",
+                    default="",
+                    multiline=True,
+                    tooltip="Prompt text for mode 'text' (needs a model with text encoders).",
                 ),
                 io.String.Input(
                     "text_input",
@@ -119,7 +135,9 @@ class OneStepSRPrompt(io.ComfyNode):
 class OneStepSRUpscale(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        tile_help = "latent pixels (x8 image pixels for SD); 0 = automatic (from free memory; the method's official size)"
+        tile_help = (
+            "latent pixels (x8 image pixels for SD); 0 = automatic (from free memory; the method's official size)"
+        )
         return io.Schema(
             node_id="OneStepSRUpscale",
             display_name="One-step SR Upscale",
@@ -143,7 +161,9 @@ class OneStepSRUpscale(io.ComfyNode):
                     default="auto",
                     tooltip="Colour correction against the input. auto: the method's own.",
                 ),
-                io.Int.Input("tile_size", default=0, min=0, max=512, step=8, tooltip="Denoiser tile size in " + tile_help),
+                io.Int.Input(
+                    "tile_size", default=0, min=0, max=512, step=8, tooltip="Denoiser tile size in " + tile_help
+                ),
                 io.Int.Input(
                     "tile_overlap",
                     default=-1,
@@ -190,7 +210,9 @@ class OneStepSRUpscale(io.ComfyNode):
                     tooltip="Weighting of overlapping denoiser tiles: gaussian (as upstream) or linear feather.",
                 ),
                 SRPrompt.Input(
-                    "prompt", optional=True, tooltip="Optional conditioning from One-step SR Prompt (default: model default)."
+                    "prompt",
+                    optional=True,
+                    tooltip="Optional conditioning from One-step SR Prompt (default: model default).",
                 ),
             ],
             outputs=[io.Image.Output(display_name="image", tooltip="The upscaled images.")],

@@ -99,7 +99,9 @@ def check_image(image: Any, name: str = "image") -> torch.Tensor:
             "'Convert Mask to Image' first"
         )
     if image.ndim != 4 or image.shape[-1] not in (1, 3, 4):
-        raise ValueError(f"{name}: expected an IMAGE (batch, height, width, 1/3/4 channels), got shape {tuple(image.shape)}")
+        raise ValueError(
+            f"{name}: expected an IMAGE (batch, height, width, 1/3/4 channels), got shape {tuple(image.shape)}"
+        )
     if image.shape[0] == 0:
         raise ValueError(f"{name}: the image batch is empty")
     return image
@@ -130,7 +132,9 @@ def upscale_batch(
 
             chw = image[i].movedim(-1, 0).float().clamp(0, 1)
             generator = torch.Generator().manual_seed(seed + i)
-            result = pipe(chw, generator=generator, progress_callback=progress, output_type="pt", **prompt_kwargs, **options)
+            result = pipe(
+                chw, generator=generator, progress_callback=progress, output_type="pt", **prompt_kwargs, **options
+            )
             outputs.append(result.images[0].movedim(0, -1).cpu())
     finally:
         pipe.to(sr_model.rest_device)

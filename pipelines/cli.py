@@ -23,22 +23,39 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("-o", "--output", type=Path, default=Path("out"), help="output folder (default: ./out)")
     _add_model_args(up)
     up.add_argument("--upscale", type=int, default=4, help="integer scale factor (default 4)")
-    up.add_argument("--color-fix", default=None, choices=COLOR_FIX_METHODS,
-                    help="colour correction (default: the method's own; see the README's methods table)")
+    up.add_argument(
+        "--color-fix",
+        default=None,
+        choices=COLOR_FIX_METHODS,
+        help="colour correction (default: the method's own; see the README's methods table)",
+    )
     up.add_argument("--prompt", default="", help="text prompt for the denoiser (default: empty)")
-    up.add_argument("--latent-sampling", default="mode", choices=LATENT_SAMPLING_MODES,
-                    help="'mode' is deterministic; 'sample' draws from the VAE posterior like the official code")
+    up.add_argument(
+        "--latent-sampling",
+        default="mode",
+        choices=LATENT_SAMPLING_MODES,
+        help="'mode' is deterministic; 'sample' draws from the VAE posterior like the official code",
+    )
     up.add_argument("--seed", type=int, default=42, help="seed for --latent-sampling sample")
-    up.add_argument("--dtype", default="auto", choices=DTYPE_NAMES,
-                    help="precision (auto: bf16 where fast, else fp16 on CUDA, else fp32)")
+    up.add_argument(
+        "--dtype",
+        default="auto",
+        choices=DTYPE_NAMES,
+        help="precision (auto: bf16 where fast, else fp16 on CUDA, else fp32)",
+    )
     up.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     up.add_argument("--no-fuse-lora", action="store_true", help="keep LoRA layers separate (slower)")
-    up.add_argument("--demo", action="store_true",
-                    help="run on a tiny randomly initialised model (no weights needed; output is NOT a real upscale)")
+    up.add_argument(
+        "--demo",
+        action="store_true",
+        help="run on a tiny randomly initialised model (no weights needed; output is NOT a real upscale)",
+    )
 
     conv = sub.add_parser("convert", help="convert official weights + base into a self-contained diffusers folder")
     _add_model_args(conv)
-    conv.add_argument("--out", type=Path, required=True, help="folder to write (loads with OneStepSRPipeline.from_pretrained)")
+    conv.add_argument(
+        "--out", type=Path, required=True, help="folder to write (loads with OneStepSRPipeline.from_pretrained)"
+    )
     return parser
 
 
@@ -47,20 +64,34 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
 
     methods = registered_methods()
     default = methods[0]
-    parser.add_argument("--base", type=Path, default=None,
-                        help="base model: diffusers folder or single-file checkpoint (default: $ONESTEP_SR_MODELS/"
-                             "<the method's usual folder>, e.g. " + ", ".join(m.base.folder for m in methods) + ")")
-    parser.add_argument("--weights", type=Path, default=None,
-                        help="official SR weights, method detected from the files: "
-                             + "; ".join(f"{m.display_name}: {m.default_weights}" for m in methods)
-                             + f" (default: $ONESTEP_SR_MODELS/{default.default_weights})")
-    parser.add_argument("--method", default=None, choices=[m.id for m in methods],
-                        help="skip detection and use this method")
+    parser.add_argument(
+        "--base",
+        type=Path,
+        default=None,
+        help="base model: diffusers folder or single-file checkpoint (default: $ONESTEP_SR_MODELS/"
+        "<the method's usual folder>, e.g. " + ", ".join(m.base.folder for m in methods) + ")",
+    )
+    parser.add_argument(
+        "--weights",
+        type=Path,
+        default=None,
+        help="official SR weights, method detected from the files: "
+        + "; ".join(f"{m.display_name}: {m.default_weights}" for m in methods)
+        + f" (default: $ONESTEP_SR_MODELS/{default.default_weights})",
+    )
+    parser.add_argument(
+        "--method", default=None, choices=[m.id for m in methods], help="skip detection and use this method"
+    )
     options = sorted({o for m in methods for o in m.extra_options})
     for option in options:
         users = ", ".join(m.display_name for m in methods if option in m.extra_options)
-        parser.add_argument(f"--{option.replace('_', '-')}", dest=option, type=Path, default=None,
-                            help=f"{users}: {option} file or folder (default: looked for beside the weights)")
+        parser.add_argument(
+            f"--{option.replace('_', '-')}",
+            dest=option,
+            type=Path,
+            default=None,
+            help=f"{users}: {option} file or folder (default: looked for beside the weights)",
+        )
 
 
 def missing_weights_message(base: Path, weights: Path) -> str | None:
@@ -71,12 +102,17 @@ def missing_weights_message(base: Path, weights: Path) -> str | None:
         lines.append(f"  SR weights not found: {weights}\n    put one of these there, or pass --weights PATH:")
         lines.extend("    " + line for m in registered_methods() for line in m.describe_files().splitlines())
     if not base.exists():
-        lines.append(f"  base model not found: {base}\n    put the base model the weights need there, or pass --base PATH:")
+        lines.append(
+            f"  base model not found: {base}\n    put the base model the weights need there, or pass --base PATH:"
+        )
         lines.extend(f"    {m.display_name}: {m.base.name}, {m.base.hint}" for m in registered_methods())
     if not lines:
         return None
-    return "Missing model files (models dir: $ONESTEP_SR_MODELS, default ./models):\n" + "\n".join(lines) + \
-        "\n  Or try `python -m onestep_sr upscale --demo` to see the whole path run on a tiny untrained model."
+    return (
+        "Missing model files (models dir: $ONESTEP_SR_MODELS, default ./models):\n"
+        + "\n".join(lines)
+        + "\n  Or try `python -m onestep_sr upscale --demo` to see the whole path run on a tiny untrained model."
+    )
 
 
 def collect_inputs(paths: list[Path]) -> list[Path]:
@@ -140,8 +176,10 @@ def _convert(args) -> int:
     except (CheckpointError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(f"wrote {method.display_name} to {out} (load it with onestep_sr.load_converted({str(out)!r}) or "
-          f"onestep_sr.{method.pipeline_class.__name__}.from_pretrained({str(out)!r}))")
+    print(
+        f"wrote {method.display_name} to {out} (load it with onestep_sr.load_converted({str(out)!r}) or "
+        f"onestep_sr.{method.pipeline_class.__name__}.from_pretrained({str(out)!r}))"
+    )
     return 0
 
 
@@ -158,8 +196,11 @@ def _upscale(args) -> int:
     if args.demo:
         from .demo_models import build_demo_model
 
-        print("DEMO: building a tiny, randomly initialised (untrained) model; the output shows the pipeline "
-              "running end to end, not a real super-resolution.", file=sys.stderr)
+        print(
+            "DEMO: building a tiny, randomly initialised (untrained) model; the output shows the pipeline "
+            "running end to end, not a real super-resolution.",
+            file=sys.stderr,
+        )
         demo_dir = tempfile.TemporaryDirectory(prefix="onestep_sr_demo_")
         base, weights = build_demo_model(demo_dir.name)
     else:
@@ -178,8 +219,15 @@ def _upscale(args) -> int:
         print("error: no input images given (files or folders with .png/.jpg/...)", file=sys.stderr)
         return 2
     try:
-        pipe = load_pipeline(base, weights, dtype=args.dtype, device=args.device, fuse_lora=not args.no_fuse_lora,
-                             method=args.method, **_method_options(args))
+        pipe = load_pipeline(
+            base,
+            weights,
+            dtype=args.dtype,
+            device=args.device,
+            fuse_lora=not args.no_fuse_lora,
+            method=args.method,
+            **_method_options(args),
+        )
     except (CheckpointError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -193,8 +241,14 @@ def _upscale(args) -> int:
                 with Image.open(path) as img:
                     img.load()
                     generator = torch.Generator().manual_seed(args.seed)
-                    result = pipe(img, prompt=args.prompt, upscale=args.upscale, color_fix=args.color_fix,
-                                  latent_sampling=args.latent_sampling, generator=generator).images[0]
+                    result = pipe(
+                        img,
+                        prompt=args.prompt,
+                        upscale=args.upscale,
+                        color_fix=args.color_fix,
+                        latent_sampling=args.latent_sampling,
+                        generator=generator,
+                    ).images[0]
             except (ImageInputError, OSError, ValueError) as err:
                 failures += 1
                 tqdm.write(f"skipped {path}: {err}", file=sys.stderr)

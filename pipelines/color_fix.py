@@ -22,7 +22,9 @@ def adain_color_fix(target: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
     Only statistics are taken from `source`, so it may have another size (TSD-SR uses the LR itself).
     """
     if target.shape[:2] != source.shape[:2]:
-        raise ValueError(f"colour fix needs the same batch and channels, got {tuple(target.shape)} and {tuple(source.shape)}")
+        raise ValueError(
+            f"colour fix needs the same batch and channels, got {tuple(target.shape)} and {tuple(source.shape)}"
+        )
     t_mean, t_std = _channel_stats(target)
     s_mean, s_std = _channel_stats(source)
     return ((target - t_mean) / t_std * s_std + s_mean).clamp_(0, 1)
@@ -58,7 +60,9 @@ def wavelet_decompose(image: torch.Tensor, levels: int = _WAVELET_LEVELS) -> tup
 
 def _wavelet_blur(image: torch.Tensor, radius: int) -> torch.Tensor:
     channels = image.shape[1]
-    kernel = torch.tensor([[1.0, 2.0, 1.0], [2.0, 4.0, 2.0], [1.0, 2.0, 1.0]], dtype=image.dtype, device=image.device) / 16
+    kernel = (
+        torch.tensor([[1.0, 2.0, 1.0], [2.0, 4.0, 2.0], [1.0, 2.0, 1.0]], dtype=image.dtype, device=image.device) / 16
+    )
     kernel = kernel.expand(channels, 1, 3, 3)
     padded = F.pad(image, (radius, radius, radius, radius), mode="replicate")
     return F.conv2d(padded, kernel, groups=channels, dilation=radius)
@@ -74,4 +78,6 @@ def _channel_stats(image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _check_pair(target: torch.Tensor, source: torch.Tensor) -> None:
     if target.shape != source.shape:
-        raise ValueError(f"colour fix needs target and source of the same shape, got {tuple(target.shape)} and {tuple(source.shape)}")
+        raise ValueError(
+            f"colour fix needs target and source of the same shape, got {tuple(target.shape)} and {tuple(source.shape)}"
+        )

@@ -13,22 +13,51 @@ from pathlib import Path
 import torch
 
 TINY_UNET = dict(
-    block_out_channels=(32, 64), layers_per_block=1, sample_size=32, in_channels=4, out_channels=4,
-    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-    cross_attention_dim=32, attention_head_dim=(2, 4), use_linear_projection=True, norm_num_groups=8,
+    block_out_channels=(32, 64),
+    layers_per_block=1,
+    sample_size=32,
+    in_channels=4,
+    out_channels=4,
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=32,
+    attention_head_dim=(2, 4),
+    use_linear_projection=True,
+    norm_num_groups=8,
 )
 TINY_VAE = dict(
-    block_out_channels=(16, 32), in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-    up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=8, layers_per_block=1,
+    block_out_channels=(16, 32),
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D",) * 2,
+    up_block_types=("UpDecoderBlock2D",) * 2,
+    latent_channels=4,
+    norm_num_groups=8,
+    layers_per_block=1,
     scaling_factor=0.18215,
 )
 TINY_TEXT = dict(
-    bos_token_id=0, eos_token_id=2, hidden_size=32, intermediate_size=37, layer_norm_eps=1e-5, num_attention_heads=4,
-    num_hidden_layers=2, pad_token_id=1, vocab_size=1000, projection_dim=32, hidden_act="gelu",
+    bos_token_id=0,
+    eos_token_id=2,
+    hidden_size=32,
+    intermediate_size=37,
+    layer_norm_eps=1e-5,
+    num_attention_heads=4,
+    num_hidden_layers=2,
+    pad_token_id=1,
+    vocab_size=1000,
+    projection_dim=32,
+    hidden_act="gelu",
 )
 SD_SCHEDULER = dict(
-    num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-    prediction_type="epsilon", clip_sample=False, steps_offset=1, timestep_spacing="leading",
+    num_train_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    prediction_type="epsilon",
+    clip_sample=False,
+    steps_offset=1,
+    timestep_spacing="leading",
 )
 
 
@@ -41,8 +70,14 @@ def write_offline_clip_tokenizer(folder: str | os.PathLike) -> Path:
     tokens = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
     (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}), encoding="utf-8")
     (folder / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
-    config = {"model_max_length": 77, "pad_token": "!", "bos_token": "<|startoftext|>",
-              "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>", "tokenizer_class": "CLIPTokenizer"}
+    config = {
+        "model_max_length": 77,
+        "pad_token": "!",
+        "bos_token": "<|startoftext|>",
+        "eos_token": "<|endoftext|>",
+        "unk_token": "<|endoftext|>",
+        "tokenizer_class": "CLIPTokenizer",
+    }
     (folder / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
     return folder
 
@@ -64,8 +99,22 @@ def build_tiny_sd_base(folder: str | os.PathLike, seed: int = 0) -> Path:
 
 def osediff_lora_targets(unet, vae) -> tuple[dict[str, list[str]], list[str]]:
     """The official OSEDiff target selection: UNet modules routed to three adapters, VAE encoder + quant_conv."""
-    patterns = ("to_k", "to_q", "to_v", "to_out.0", "conv", "conv1", "conv2", "conv_in", "conv_shortcut",
-                "conv_out", "proj_out", "proj_in", "ff.net.2", "ff.net.0.proj")
+    patterns = (
+        "to_k",
+        "to_q",
+        "to_v",
+        "to_out.0",
+        "conv",
+        "conv1",
+        "conv2",
+        "conv_in",
+        "conv_shortcut",
+        "conv_out",
+        "proj_out",
+        "proj_in",
+        "ff.net.2",
+        "ff.net.0.proj",
+    )
     unet_targets: dict[str, list[str]] = {"default_encoder": [], "default_decoder": [], "default_others": []}
     for name, _ in unet.named_parameters():
         if "bias" in name or "norm" in name or not any(p in name for p in patterns):
@@ -85,8 +134,9 @@ def osediff_lora_targets(unet, vae) -> tuple[dict[str, list[str]], list[str]]:
     return unet_targets, vae_targets
 
 
-def make_osediff_checkpoint(base: str | os.PathLike, path: str | os.PathLike, rank: int = 4, seed: int = 0,
-                            std: float = 0.05) -> Path:
+def make_osediff_checkpoint(
+    base: str | os.PathLike, path: str | os.PathLike, rank: int = 4, seed: int = 0, std: float = 0.05
+) -> Path:
     """Write random LoRA weights for `base` in the official `osediff.pkl` layout (torch.save of a plain dict)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
@@ -106,7 +156,8 @@ def make_osediff_checkpoint(base: str | os.PathLike, path: str | os.PathLike, ra
         }
 
     state_unet = {
-        "conv_in.base_layer.weight": unet.conv_in.weight.detach() + torch.randn(unet.conv_in.weight.shape, generator=g) * 0.02,
+        "conv_in.base_layer.weight": unet.conv_in.weight.detach()
+        + torch.randn(unet.conv_in.weight.shape, generator=g) * 0.02,
         "conv_in.base_layer.bias": unet.conv_in.bias.detach().clone(),
     }
     for adapter, names in unet_targets.items():

@@ -6,8 +6,9 @@ input, padding to the VAE/patch grid and cropping it away, alpha handling and ou
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import PIL.Image
@@ -90,7 +91,8 @@ def _from_numpy(arr: np.ndarray) -> list[LQImage]:
         arr = arr[..., None]
     if arr.ndim != 3 or arr.shape[-1] not in (1, 2, 3, 4):
         raise ImageInputError(
-            f"numpy images must be HWC with 1 (gray), 2 (gray+alpha), 3 (RGB) or 4 (RGBA) channels, got shape {arr.shape}"
+            "numpy images must be HWC with 1 (gray), 2 (gray+alpha), 3 (RGB) or 4 (RGBA) channels, "
+            f"got shape {arr.shape}"
         )
     if arr.dtype == np.uint8:
         if arr.shape[-1] == 3:

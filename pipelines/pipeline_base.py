@@ -7,9 +7,10 @@ how latents are scaled, how the denoiser is conditioned and called, and how its 
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from diffusers import DiffusionPipeline
@@ -131,7 +132,9 @@ class OneStepSRBase(DiffusionPipeline, abc.ABC):
                 latents = self.encode(padded.to(device), inputs.latent_sampling, inputs.generators[i], plan)
                 progress.advance()
                 # 3. One denoising step from the LQ latent itself, tile by tile.
-                cond = self.encode_prompt(inputs.prompts[i], inputs.prompt_embeds, inputs.pooled_prompt_embeds, i, device)
+                cond = self.encode_prompt(
+                    inputs.prompts[i], inputs.prompt_embeds, inputs.pooled_prompt_embeds, i, device
+                )
                 clean = self.denoise(latents, cond, plan, on_tile=progress.advance)
                 # 4. Decode, crop the padding, colour-correct.
                 decoded = self.decode(clean, plan)[..., :height, :width]

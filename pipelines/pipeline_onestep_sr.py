@@ -72,7 +72,11 @@ class OneStepSRPipeline(OneStepSRBase):
     def encode_text(self, prompt: str, device: torch.device, dtype: torch.dtype) -> Conditioning:
         """CLIP's last hidden state for the prompt, padded to the tokenizer's length (77), as SD2.1 is trained."""
         ids = self.tokenizer(
-            prompt, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True, return_tensors="pt"
+            prompt,
+            padding="max_length",
+            max_length=self.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
         ).input_ids
         return Conditioning(self.text_encoder(ids.to(self.text_encoder.device))[0].to(device, dtype))
 

@@ -33,7 +33,13 @@ class OneStepSRSD3Pipeline(OneStepSRBase):
 
     model_cpu_offload_seq = "text_encoder->text_encoder_2->text_encoder_3->transformer->vae"
     _optional_components = [
-        "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "text_encoder_3", "tokenizer_3", "prompt_embedding",
+        "text_encoder",
+        "tokenizer",
+        "text_encoder_2",
+        "tokenizer_2",
+        "text_encoder_3",
+        "tokenizer_3",
+        "prompt_embedding",
     ]
 
     def __init__(
@@ -54,9 +60,16 @@ class OneStepSRSD3Pipeline(OneStepSRBase):
     ):
         super().__init__()
         self.register_modules(
-            vae=vae, transformer=transformer, scheduler=scheduler, prompt_embedding=prompt_embedding,
-            text_encoder=text_encoder, tokenizer=tokenizer, text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2,
-            text_encoder_3=text_encoder_3, tokenizer_3=tokenizer_3,
+            vae=vae,
+            transformer=transformer,
+            scheduler=scheduler,
+            prompt_embedding=prompt_embedding,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            text_encoder_2=text_encoder_2,
+            tokenizer_2=tokenizer_2,
+            text_encoder_3=text_encoder_3,
+            tokenizer_3=tokenizer_3,
         )
         self.register_to_config(timestep=float(timestep), use_shift_factor=bool(use_shift_factor), method=method)
 
@@ -103,7 +116,9 @@ class OneStepSRSD3Pipeline(OneStepSRBase):
     @property
     def has_text_encoders(self) -> bool:
         # both CLIPs are required; T5 is optional (256 zero tokens without it)
-        return all(getattr(self, n, None) is not None for n in ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"))
+        return all(
+            getattr(self, n, None) is not None for n in ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
+        )
 
     def check_conditioning(self, prompts, prompt_embeds, pooled_prompt_embeds) -> None:
         if (prompt_embeds is None) != (pooled_prompt_embeds is None):
@@ -124,8 +139,10 @@ class OneStepSRSD3Pipeline(OneStepSRBase):
         n = latents.shape[0]
         timestep = torch.full((n,), self.config.timestep, device=latents.device, dtype=torch.float32)
         return self.transformer(
-            hidden_states=latents.to(self.transformer.dtype), timestep=timestep,
-            encoder_hidden_states=embeds.expand(n, -1, -1), pooled_projections=pooled.expand(n, -1),
+            hidden_states=latents.to(self.transformer.dtype),
+            timestep=timestep,
+            encoder_hidden_states=embeds.expand(n, -1, -1),
+            pooled_projections=pooled.expand(n, -1),
         ).sample
 
     def predict_clean_latent(self, model_output: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:

@@ -165,16 +165,29 @@ def install_v3() -> types.ModuleType:
             return self.io_type in WIDGET_TYPES and not self.kwargs.get("force_input")
 
     def comfy_type(io_type):
-        return type(io_type, (), {"io_type": io_type, "Input": type("Input", (_IO,), {"io_type": io_type}),
-                                  "Output": type("Output", (_IO,), {"io_type": io_type})})
+        return type(
+            io_type,
+            (),
+            {
+                "io_type": io_type,
+                "Input": type("Input", (_IO,), {"io_type": io_type}),
+                "Output": type("Output", (_IO,), {"io_type": io_type}),
+            },
+        )
 
     class NodeOutput:
         def __init__(self, *args):
             self.args = args
 
     io = types.SimpleNamespace(
-        Image=comfy_type("IMAGE"), Mask=comfy_type("MASK"), Int=comfy_type("INT"), Float=comfy_type("FLOAT"),
-        Boolean=comfy_type("BOOLEAN"), String=comfy_type("STRING"), Combo=comfy_type("COMBO"), Custom=comfy_type,
+        Image=comfy_type("IMAGE"),
+        Mask=comfy_type("MASK"),
+        Int=comfy_type("INT"),
+        Float=comfy_type("FLOAT"),
+        Boolean=comfy_type("BOOLEAN"),
+        String=comfy_type("STRING"),
+        Combo=comfy_type("COMBO"),
+        Custom=comfy_type,
         Schema=lambda **kwargs: types.SimpleNamespace(**kwargs),
         ComfyNode=type("ComfyNode", (), {}),
         NodeOutput=NodeOutput,

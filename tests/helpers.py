@@ -1,4 +1,5 @@
 """Shared test helpers: paths to the test data and the OSEDiff parity cases."""
+
 import json
 from pathlib import Path
 
@@ -48,7 +49,9 @@ def run_osediff_case(pipe, case, **kwargs):
     kwargs.setdefault("upscale", 1)
     kwargs.setdefault("color_fix", "none")
     image = kwargs.pop("image", case.lq * 0.5 + 0.5)
-    result = pipe(image, prompt=case.prompt, latent_sampling="sample", generator=case.generator(), output_type="pt", **kwargs)
+    result = pipe(
+        image, prompt=case.prompt, latent_sampling="sample", generator=case.generator(), output_type="pt", **kwargs
+    )
     return result.images
 
 
@@ -90,8 +93,14 @@ TSDSR_RAW_ATOL = 1e-4
 def run_tsdsr_case(pipe, case, image=None, upscale=1, color_fix="none"):
     """A TSD-SR parity case through the public __call__, with the case's seed (the official posterior draw)."""
     image = case.input["pixel_values"] * 0.5 + 0.5 if image is None else image
-    return pipe(image, upscale=upscale, color_fix=color_fix, latent_sampling="sample", generator=case.generator(),
-                output_type="pt").images
+    return pipe(
+        image,
+        upscale=upscale,
+        color_fix=color_fix,
+        latent_sampling="sample",
+        generator=case.generator(),
+        output_type="pt",
+    ).images
 
 
 def tsdsr_raw_diff(images, case) -> float:
@@ -112,8 +121,12 @@ def make_comfy_models(root: Path) -> tuple[Path, Path]:
     shutil.copytree(TSDSR_PARITY / "tiny-sd3", models / "diffusers" / "stable-diffusion-3-medium-diffusers")
     (models / "onestep_sr" / "tsdsr").mkdir(parents=True)
     shutil.copy(OSEDIFF_PARITY / "osediff_tiny.pkl", models / "onestep_sr" / "osediff.pkl")
-    for f in ("lora/transformer.safetensors", "lora/vae.safetensors", "embeddings/prompt_embeds.pt",
-              "embeddings/pool_embeds.pt"):
+    for f in (
+        "lora/transformer.safetensors",
+        "lora/vae.safetensors",
+        "embeddings/prompt_embeds.pt",
+        "embeddings/pool_embeds.pt",
+    ):
         shutil.copy(TSDSR_PARITY / f, models / "onestep_sr" / "tsdsr")
     (models / "checkpoints").mkdir()
     inputs = root / "input"

@@ -9,8 +9,14 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1", "norm2": "out_layers.0",
-          "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
+RESNET = {
+    "norm1": "in_layers.0",
+    "conv1": "in_layers.2",
+    "time_emb_proj": "emb_layers.1",
+    "norm2": "out_layers.0",
+    "conv2": "out_layers.3",
+    "conv_shortcut": "skip_connection",
+}
 VAE_ATTN = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
 
 
@@ -23,10 +29,10 @@ def unet_to_ldm(unet) -> dict[str, torch.Tensor]:
     def put(diffusers_prefix, ldm_prefix, rename=None):
         for key, value in sd.items():
             if key.startswith(diffusers_prefix + "."):
-                rest = key[len(diffusers_prefix) + 1:]
+                rest = key[len(diffusers_prefix) + 1 :]
                 for old, new in (rename or {}).items():
                     if rest.startswith(old + "."):
-                        rest = new + rest[len(old):]
+                        rest = new + rest[len(old) :]
                         break
                 out[f"model.diffusion_model.{ldm_prefix}.{rest}"] = value
 
@@ -67,10 +73,10 @@ def vae_to_ldm(vae) -> dict[str, torch.Tensor]:
             k = k.replace(f"{side}.mid_block.resnets.0", f"{side}.mid.block_1")
             k = k.replace(f"{side}.mid_block.resnets.1", f"{side}.mid.block_2")
             if k.startswith(f"{side}.mid_block.attentions.0."):
-                rest = k[len(f"{side}.mid_block.attentions.0."):]
+                rest = k[len(f"{side}.mid_block.attentions.0.") :]
                 for old, new in VAE_ATTN.items():
                     if rest.startswith(old + "."):
-                        rest = new + rest[len(old):]
+                        rest = new + rest[len(old) :]
                         break
                 k = f"{side}.mid.attn_1.{rest}"
                 if value.ndim == 2:  # LDM uses 1x1 convs for the VAE attention projections
@@ -134,9 +140,12 @@ def sd3_transformer_to_ldm(transformer) -> dict[str, torch.Tensor]:
         p + "final_layer.adaLN_modulation.1.bias": _swap_halves(sd["norm_out.linear.bias"]),
     }
     renames = {
-        "pos_embed.proj": "x_embedder.proj", "time_text_embed.timestep_embedder.linear_1": "t_embedder.mlp.0",
-        "time_text_embed.timestep_embedder.linear_2": "t_embedder.mlp.2", "context_embedder": "context_embedder",
-        "time_text_embed.text_embedder.linear_1": "y_embedder.mlp.0", "time_text_embed.text_embedder.linear_2": "y_embedder.mlp.2",
+        "pos_embed.proj": "x_embedder.proj",
+        "time_text_embed.timestep_embedder.linear_1": "t_embedder.mlp.0",
+        "time_text_embed.timestep_embedder.linear_2": "t_embedder.mlp.2",
+        "context_embedder": "context_embedder",
+        "time_text_embed.text_embedder.linear_1": "y_embedder.mlp.0",
+        "time_text_embed.text_embedder.linear_2": "y_embedder.mlp.2",
         "proj_out": "final_layer.linear",
     }
     for src, dst in renames.items():

@@ -6,9 +6,10 @@ import sys
 import numpy as np
 from PIL import Image
 
-from helpers import OSEDIFF_PARITY
 from onestep_sr import OneStepSRPipeline, load_pipeline
 from onestep_sr.pipelines.cli import main
+
+from helpers import OSEDIFF_PARITY
 
 BASE = OSEDIFF_PARITY / "tiny-sd21"
 WEIGHTS = OSEDIFF_PARITY / "osediff_tiny.pkl"
@@ -21,8 +22,26 @@ def test_upscale_folder_and_files(tmp_path, parity_cases):
         case.png("lr.png").save(inputs / f"{case.name}.png")
     (inputs / "notes.txt").write_text("not an image")  # ignored: not an image suffix
     out = tmp_path / "out"
-    rc = main(["upscale", str(inputs), "-o", str(out), "--base", str(BASE), "--weights", str(WEIGHTS),
-               "--dtype", "fp32", "--device", "cpu", "--color-fix", "wavelet", "--prompt", "a photo of a cat, "])
+    rc = main(
+        [
+            "upscale",
+            str(inputs),
+            "-o",
+            str(out),
+            "--base",
+            str(BASE),
+            "--weights",
+            str(WEIGHTS),
+            "--dtype",
+            "fp32",
+            "--device",
+            "cpu",
+            "--color-fix",
+            "wavelet",
+            "--prompt",
+            "a photo of a cat, ",
+        ]
+    )
     assert rc == 0
     for case in parity_cases:
         w, h = case.record["lr_size_wh"]
@@ -40,8 +59,22 @@ def test_bad_image_is_reported_and_skipped(tmp_path, capsys):
     inputs.mkdir()
     (inputs / "broken.png").write_bytes(b"\x89PNG not really")
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(inputs / "ok.png")
-    rc = main(["upscale", str(inputs), "-o", str(tmp_path / "out"), "--base", str(BASE), "--weights", str(WEIGHTS),
-               "--dtype", "fp32", "--upscale", "2"])
+    rc = main(
+        [
+            "upscale",
+            str(inputs),
+            "-o",
+            str(tmp_path / "out"),
+            "--base",
+            str(BASE),
+            "--weights",
+            str(WEIGHTS),
+            "--dtype",
+            "fp32",
+            "--upscale",
+            "2",
+        ]
+    )
     assert rc == 1
     assert "skipped" in capsys.readouterr().err and (tmp_path / "out" / "ok.png").exists()
 
@@ -60,15 +93,27 @@ def test_convert_writes_a_loadable_folder(tmp_path, parity_cases):
     pipe = OneStepSRPipeline.from_pretrained(out, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
     case = parity_cases[1]
-    result = pipe(case.lq * 0.5 + 0.5, prompt=case.prompt, upscale=1, color_fix="none", latent_sampling="sample",
-                  generator=case.generator(), output_type="pt").images
+    result = pipe(
+        case.lq * 0.5 + 0.5,
+        prompt=case.prompt,
+        upscale=1,
+        color_fix="none",
+        latent_sampling="sample",
+        generator=case.generator(),
+        output_type="pt",
+    ).images
     assert (result * 2 - 1 - case.out[0]).abs().max() < 1e-4
 
 
 def test_demo_runs_end_to_end_from_a_fresh_process(tmp_path):
     out = tmp_path / "demo"
-    proc = subprocess.run([sys.executable, "-m", "onestep_sr", "upscale", "--demo", "-o", str(out)],
-                          capture_output=True, text=True, timeout=300, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+    proc = subprocess.run(
+        [sys.executable, "-m", "onestep_sr", "upscale", "--demo", "-o", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"},
+    )
     assert proc.returncode == 0, proc.stderr
     assert "untrained" in proc.stderr
     img = Image.open(out / "demo_input.png")

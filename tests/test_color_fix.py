@@ -3,8 +3,9 @@
 import pytest
 import torch
 
-from helpers import png_to_tensor
 from onestep_sr.pipelines.color_fix import adain_color_fix, apply_color_fix, wavelet_color_fix, wavelet_decompose
+
+from helpers import png_to_tensor
 
 
 def official_8bit_target(out: torch.Tensor) -> torch.Tensor:
@@ -38,7 +39,9 @@ def test_adain_transfers_mean_and_unbiased_std():
     expected_std = (source.flatten(2).var(dim=2) + 1e-5).sqrt()
     # out = z * s_std with var(z) = var_t / (var_t + 1e-5), so std(out) = s_std * sqrt(var_t / (var_t + 1e-5))
     var_t = target.flatten(2).var(dim=2)
-    torch.testing.assert_close(out.flatten(2).std(dim=2), expected_std * (var_t / (var_t + 1e-5)).sqrt(), atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        out.flatten(2).std(dim=2), expected_std * (var_t / (var_t + 1e-5)).sqrt(), atol=1e-5, rtol=0
+    )
 
 
 def test_wavelet_low_band_of_constant_is_constant_and_bands_sum_back():

@@ -8,12 +8,13 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from helpers import OSEDIFF_PARITY, assert_osediff_parity, run_osediff_case
-from ldm_checkpoint import write_sd2_single_file
 from onestep_sr import CheckpointError, load_pipeline
 from onestep_sr.pipelines.demo_models import build_tiny_sd_base, make_osediff_checkpoint
 from onestep_sr.pipelines.loading import SD21_BASE_CONFIG, devices, resolve_dtype
 from onestep_sr.pipelines.methods import detect_method
+
+from helpers import OSEDIFF_PARITY, assert_osediff_parity, run_osediff_case
+from ldm_checkpoint import write_sd2_single_file
 
 BASE = OSEDIFF_PARITY / "tiny-sd21"
 WEIGHTS = OSEDIFF_PARITY / "osediff_tiny.pkl"
@@ -104,8 +105,13 @@ def test_weights_for_another_base_are_a_clear_error(tmp_path):
 
 def test_single_file_that_is_not_sd2(tmp_path):
     sd1 = tmp_path / "sd15.safetensors"
-    save_file({"model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": torch.zeros(320, 768),
-               "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight": torch.zeros(4, 4)}, str(sd1))
+    save_file(
+        {
+            "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": torch.zeros(320, 768),
+            "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight": torch.zeros(4, 4),
+        },
+        str(sd1),
+    )
     with pytest.raises(CheckpointError, match="SD1.x checkpoint"):
         load_pipeline(sd1, WEIGHTS)
     junk = tmp_path / "junk.safetensors"

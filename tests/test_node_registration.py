@@ -6,8 +6,9 @@ import sys
 import pytest
 import torch
 
-import comfy_harness
 from onestep_sr.nodes import comfy_registration
+
+import comfy_harness
 
 
 @pytest.fixture
@@ -50,7 +51,12 @@ def test_v3_comfyui_gets_the_entrypoint_only(clean_modules, tmp_path):
     from onestep_sr.nodes.sr_nodes import CATEGORY
 
     assert [c.__name__ for c in node_classes] == [
-        "OneStepSRModelLoader", "OneStepSRPrompt", "OneStepSRUpscale", "OneStepSRTileSplit", "OneStepSRTileStitch"]
+        "OneStepSRModelLoader",
+        "OneStepSRPrompt",
+        "OneStepSRUpscale",
+        "OneStepSRTileSplit",
+        "OneStepSRTileStitch",
+    ]
     for cls in node_classes:
         schema = cls.define_schema()
         assert schema.node_id == cls.__name__ and schema.category == CATEGORY and schema.description

@@ -43,8 +43,9 @@ def nodes(comfy):
 
 @pytest.fixture(scope="module")
 def osediff_node_pipe(nodes):
-    (sr,) = nodes["OneStepSRModelLoader"].run(base="stable-diffusion-2-1-base", weights="osediff.pkl", dtype="fp32",
-                                              device="cpu", fuse_lora=True)
+    (sr,) = nodes["OneStepSRModelLoader"].run(
+        base="stable-diffusion-2-1-base", weights="osediff.pkl", dtype="fp32", device="cpu", fuse_lora=True
+    )
     return sr
 
 
@@ -60,8 +61,13 @@ def test_schemas_have_ids_categories_and_tooltips(comfy):
     from onestep_sr.nodes.sr_nodes import CATEGORY
 
     classes = comfy_harness.node_classes()
-    assert set(classes) == {"OneStepSRModelLoader", "OneStepSRPrompt", "OneStepSRUpscale", "OneStepSRTileSplit",
-                            "OneStepSRTileStitch"}
+    assert set(classes) == {
+        "OneStepSRModelLoader",
+        "OneStepSRPrompt",
+        "OneStepSRUpscale",
+        "OneStepSRTileSplit",
+        "OneStepSRTileStitch",
+    }
     for name, cls in classes.items():
         schema = cls.define_schema()
         assert schema.category == CATEGORY and schema.display_name and schema.description
@@ -74,7 +80,9 @@ def test_schemas_have_ids_categories_and_tooltips(comfy):
     assert loader["weights"].kwargs["options"] == ["tsdsr", "osediff.pkl"]
     # the defaults are a pair of the same method (the first registered whose files are both present)
     assert (loader["base"].kwargs["default"], loader["weights"].kwargs["default"]) == (
-        "stable-diffusion-2-1-base", "osediff.pkl")
+        "stable-diffusion-2-1-base",
+        "osediff.pkl",
+    )
     assert loader["dtype"].kwargs["options"] == ["auto", "fp32", "bf16", "fp16"]
 
 
@@ -82,7 +90,9 @@ def test_preferred_pair_matches_base_and_weights_by_method(comfy):
     from onestep_sr.nodes.comfy_env import preferred_pair
 
     assert preferred_pair(["stable-diffusion-3-medium-diffusers"], ["osediff.pkl", "tsdsr"]) == (
-        "stable-diffusion-3-medium-diffusers", "tsdsr")
+        "stable-diffusion-3-medium-diffusers",
+        "tsdsr",
+    )
     assert preferred_pair(["other-base"], ["mine.pkl"]) == ("other-base", "mine.pkl")
     assert preferred_pair([], []) == (None, None)
 
@@ -105,22 +115,44 @@ def test_upscale_node_gives_the_library_result(nodes, osediff_node_pipe):
     from onestep_sr import load_pipeline
 
     image = image_batch(2, 12, 10)
-    (out,) = nodes["OneStepSRUpscale"].run(sr_model=osediff_node_pipe, image=image, upscale=2, color_fix="auto",
-                                           tile_size=0, tile_overlap=-1, vae_tile_size=0, seed=3, latent_sampling="sample")
+    (out,) = nodes["OneStepSRUpscale"].run(
+        sr_model=osediff_node_pipe,
+        image=image,
+        upscale=2,
+        color_fix="auto",
+        tile_size=0,
+        tile_overlap=-1,
+        vae_tile_size=0,
+        seed=3,
+        latent_sampling="sample",
+    )
     assert out.shape == (2, 24, 20, 3)
     pipe = load_pipeline(OSEDIFF_PARITY / "tiny-sd21", OSEDIFF_PARITY / "osediff_tiny.pkl")
     pipe.set_progress_bar_config(disable=True)
     for i in range(2):
-        expected = pipe(image[i].permute(2, 0, 1), upscale=2, latent_sampling="sample",
-                        generator=torch.Generator().manual_seed(3 + i), output_type="pt").images[0]
+        expected = pipe(
+            image[i].permute(2, 0, 1),
+            upscale=2,
+            latent_sampling="sample",
+            generator=torch.Generator().manual_seed(3 + i),
+            output_type="pt",
+        ).images[0]
         torch.testing.assert_close(out[i], expected.permute(1, 2, 0), atol=1e-6, rtol=0)
 
 
 def test_progress_and_cancel(comfy, nodes, osediff_node_pipe):
     state = comfy["state"]
     state.progress.clear()
-    kwargs = dict(sr_model=osediff_node_pipe, upscale=2, color_fix="none", tile_size=16, tile_overlap=8,
-                  vae_tile_size=0, seed=0, latent_sampling="mode")
+    kwargs = dict(
+        sr_model=osediff_node_pipe,
+        upscale=2,
+        color_fix="none",
+        tile_size=16,
+        tile_overlap=8,
+        vae_tile_size=0,
+        seed=0,
+        latent_sampling="mode",
+    )
     nodes["OneStepSRUpscale"].run(image=image_batch(2, 24, 24), **kwargs)
     values = [v for v, _ in state.progress]
     assert values == sorted(values) and state.progress[-1][0] == state.progress[-1][1]
@@ -140,8 +172,16 @@ def test_progress_and_cancel(comfy, nodes, osediff_node_pipe):
 
 
 def test_rgba_grayscale_and_tiny_images(nodes, osediff_node_pipe):
-    kwargs = dict(sr_model=osediff_node_pipe, upscale=4, color_fix="auto", tile_size=0, tile_overlap=-1,
-                  vae_tile_size=0, seed=0, latent_sampling="mode")
+    kwargs = dict(
+        sr_model=osediff_node_pipe,
+        upscale=4,
+        color_fix="auto",
+        tile_size=0,
+        tile_overlap=-1,
+        vae_tile_size=0,
+        seed=0,
+        latent_sampling="mode",
+    )
     rgba = image_batch(1, 8, 6, 4)
     rgba[..., 3] = 0.25
     (out,) = nodes["OneStepSRUpscale"].run(image=rgba, **kwargs)
@@ -156,16 +196,28 @@ def test_rgba_grayscale_and_tiny_images(nodes, osediff_node_pipe):
     assert one.shape == (1, 4, 4, 3)
 
 
-@pytest.mark.parametrize("bad,message", [
-    (torch.zeros(0, 8, 8, 3), "batch is empty"),
-    (torch.zeros(1, 8, 8), "looks like a MASK"),
-    (torch.zeros(1, 3, 8, 8), "expected an IMAGE"),
-    ("not an image", "expected an IMAGE tensor"),
-])
+@pytest.mark.parametrize(
+    "bad,message",
+    [
+        (torch.zeros(0, 8, 8, 3), "batch is empty"),
+        (torch.zeros(1, 8, 8), "looks like a MASK"),
+        (torch.zeros(1, 3, 8, 8), "expected an IMAGE"),
+        ("not an image", "expected an IMAGE tensor"),
+    ],
+)
 def test_bad_images_are_clear_node_errors(nodes, osediff_node_pipe, bad, message):
     with pytest.raises(ValueError, match=message):
-        nodes["OneStepSRUpscale"].run(sr_model=osediff_node_pipe, image=bad, upscale=4, color_fix="auto", tile_size=0,
-                                      tile_overlap=-1, vae_tile_size=0, seed=0, latent_sampling="mode")
+        nodes["OneStepSRUpscale"].run(
+            sr_model=osediff_node_pipe,
+            image=bad,
+            upscale=4,
+            color_fix="auto",
+            tile_size=0,
+            tile_overlap=-1,
+            vae_tile_size=0,
+            seed=0,
+            latent_sampling="mode",
+        )
 
 
 def test_missing_or_incompatible_weights_are_clear_errors(comfy, nodes):
@@ -177,8 +229,13 @@ def test_missing_or_incompatible_weights_are_clear_errors(comfy, nodes):
     with pytest.raises(CheckpointError, match="not an SD3 diffusers folder"):
         loader.run(base="stable-diffusion-2-1-base", weights="tsdsr", dtype="fp32", device="cpu", fuse_lora=True)
     with pytest.raises(CheckpointError, match="an SD3 folder .* need an SD2.1-base diffusers folder"):
-        loader.run(base="stable-diffusion-3-medium-diffusers", weights="osediff.pkl", dtype="fp32", device="cpu",
-                   fuse_lora=True)
+        loader.run(
+            base="stable-diffusion-3-medium-diffusers",
+            weights="osediff.pkl",
+            dtype="fp32",
+            device="cpu",
+            fuse_lora=True,
+        )
 
 
 def test_prompt_node(nodes, osediff_node_pipe):
@@ -186,24 +243,50 @@ def test_prompt_node(nodes, osediff_node_pipe):
 
     prompt = nodes["OneStepSRPrompt"]
     assert prompt.run(mode="text", text="a cat") == (PromptSpec("text", "a cat"),)
-    assert prompt.run(mode="model default", text="", text_input="from a captioner") == (PromptSpec("text", "from a captioner"),)
+    assert prompt.run(mode="model default", text="", text_input="from a captioner") == (
+        PromptSpec("text", "from a captioner"),
+    )
     image = image_batch(1, 8, 8)
-    kwargs = dict(sr_model=osediff_node_pipe, image=image, upscale=1, color_fix="none", tile_size=0, tile_overlap=-1,
-                  vae_tile_size=0, seed=0, latent_sampling="mode")
+    kwargs = dict(
+        sr_model=osediff_node_pipe,
+        image=image,
+        upscale=1,
+        color_fix="none",
+        tile_size=0,
+        tile_overlap=-1,
+        vae_tile_size=0,
+        seed=0,
+        latent_sampling="mode",
+    )
     (with_text,) = nodes["OneStepSRUpscale"].run(prompt=PromptSpec("text", "a photo of a cat, "), **kwargs)
-    expected = osediff_node_pipe.pipe(image[0].permute(2, 0, 1), prompt="a photo of a cat, ", upscale=1,
-                                      color_fix="none", output_type="pt").images[0].permute(1, 2, 0)
+    expected = (
+        osediff_node_pipe.pipe(
+            image[0].permute(2, 0, 1), prompt="a photo of a cat, ", upscale=1, color_fix="none", output_type="pt"
+        )
+        .images[0]
+        .permute(1, 2, 0)
+    )
     torch.testing.assert_close(with_text[0], expected, atol=1e-6, rtol=0)
 
 
 def test_tsdsr_through_the_nodes(nodes):
     from onestep_sr.nodes.values import PromptSpec
 
-    (sr,) = nodes["OneStepSRModelLoader"].run(base="stable-diffusion-3-medium-diffusers", weights="tsdsr", dtype="fp32",
-                                              device="cpu", fuse_lora=True)
+    (sr,) = nodes["OneStepSRModelLoader"].run(
+        base="stable-diffusion-3-medium-diffusers", weights="tsdsr", dtype="fp32", device="cpu", fuse_lora=True
+    )
     assert sr.method == "TSD-SR"
-    kwargs = dict(sr_model=sr, image=image_batch(1, 8, 8), upscale=2, color_fix="auto", tile_size=0, tile_overlap=-1,
-                  vae_tile_size=0, seed=0, latent_sampling="mode")
+    kwargs = dict(
+        sr_model=sr,
+        image=image_batch(1, 8, 8),
+        upscale=2,
+        color_fix="auto",
+        tile_size=0,
+        tile_overlap=-1,
+        vae_tile_size=0,
+        seed=0,
+        latent_sampling="mode",
+    )
     (out,) = nodes["OneStepSRUpscale"].run(**kwargs)
     assert out.shape == (1, 16, 16, 3)
     with pytest.raises(ValueError, match="no text encoder"):
@@ -230,8 +313,9 @@ def test_stitch_rejects_mismatched_tiles(nodes):
     with pytest.raises(ValueError, match="expected 9 tiles"):
         nodes["OneStepSRTileStitch"].run(tiles=tiles[:5], layout=layout)
     with pytest.raises(ValueError, match="same integer factor"):
-        nodes["OneStepSRTileStitch"].run(tiles=torch.nn.functional.interpolate(
-            tiles.movedim(-1, 1), size=(24, 24)).movedim(1, -1), layout=layout)
+        nodes["OneStepSRTileStitch"].run(
+            tiles=torch.nn.functional.interpolate(tiles.movedim(-1, 1), size=(24, 24)).movedim(1, -1), layout=layout
+        )
 
 
 # ---------------------------------------------------------------------------- workflows
@@ -286,7 +370,7 @@ def test_api_workflows_run_end_to_end(comfy, name):
     (images,) = saved.values()
     lr = np.asarray(Image.open(comfy["input"] / "example.png"))
     assert images[0].shape == (lr.shape[0] * 4, lr.shape[1] * 4, 3)
-    assert torch.isfinite(images[0]).all() and 0 <= images[0].min() and images[0].max() <= 1
+    assert torch.isfinite(images[0]).all() and images[0].min() >= 0 and images[0].max() <= 1
     # values: the graph gives what the library gives for the same settings (auto dtype, official colour fix)
     from onestep_sr import load_pipeline
 
@@ -294,8 +378,11 @@ def test_api_workflows_run_end_to_end(comfy, name):
         upscale = next(n for n in api.values() if n["class_type"] == "OneStepSRUpscale")["inputs"]
         pipe = load_pipeline(OSEDIFF_PARITY / "tiny-sd21", OSEDIFF_PARITY / "osediff_tiny.pkl", dtype="auto")
         pipe.set_progress_bar_config(disable=True)
-        expected = pipe(Image.open(comfy["input"] / "example.png"), output_type="pt",
-                        tile_size=upscale["tile_size"] or "auto",
-                        tile_overlap="auto" if upscale["tile_overlap"] < 0 else upscale["tile_overlap"],
-                        vae_tile_size=upscale["vae_tile_size"] or "auto").images[0]
+        expected = pipe(
+            Image.open(comfy["input"] / "example.png"),
+            output_type="pt",
+            tile_size=upscale["tile_size"] or "auto",
+            tile_overlap="auto" if upscale["tile_overlap"] < 0 else upscale["tile_overlap"],
+            vae_tile_size=upscale["vae_tile_size"] or "auto",
+        ).images[0]
         torch.testing.assert_close(images[0], expected.permute(1, 2, 0), atol=1e-6, rtol=0)

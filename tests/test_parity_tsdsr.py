@@ -11,14 +11,15 @@ import json
 import pytest
 import torch
 
+from onestep_sr import CheckpointError, OneStepSRSD3Pipeline, load_pipeline
+from onestep_sr.pipelines.color_fix import adain_color_fix, wavelet_color_fix
+from onestep_sr.pipelines.images import load_images, upsample_torch_bicubic
+from onestep_sr.pipelines.methods import tsdsr
+
 from helpers import TSDSR_PARITY, png_to_tensor, tsdsr_cases
 from helpers import TSDSR_RAW_ATOL as RAW_ATOL
 from helpers import run_tsdsr_case as run_case
 from helpers import tsdsr_raw_diff as raw_diff
-from onestep_sr import CheckpointError, OneStepSRSD3Pipeline, load_pipeline
-from onestep_sr.pipelines.methods import tsdsr
-from onestep_sr.pipelines.color_fix import adain_color_fix, wavelet_color_fix
-from onestep_sr.pipelines.images import load_images, upsample_torch_bicubic
 
 # colour fixes: the official ones run on the SR image truncated to 8 bits (error in [0, 1/255)), ours on the
 # float output; adain removes that error's mean and rescales it by std_src/std_out, wavelet keeps it in the
@@ -49,7 +50,6 @@ def pipes():
         return cache[key]
 
     return get
-
 
 
 def test_parity_data_is_intact():
@@ -103,8 +103,22 @@ def test_converted_folder_reproduces_official(tmp_path, cases):
     from onestep_sr.pipelines.cli import main
 
     out = tmp_path / "tsdsr-tiny"
-    assert main(["convert", "--base", str(BASE), "--weights", str(TSDSR_PARITY / "lora"), "--embeddings",
-                 str(EMBEDDINGS), "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "convert",
+                "--base",
+                str(BASE),
+                "--weights",
+                str(TSDSR_PARITY / "lora"),
+                "--embeddings",
+                str(EMBEDDINGS),
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     pipe = OneStepSRSD3Pipeline.from_pretrained(out, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
     assert pipe.config.timestep == 1000 and pipe.config.use_shift_factor is False
@@ -113,8 +127,9 @@ def test_converted_folder_reproduces_official(tmp_path, cases):
 
 
 def test_weights_given_as_the_transformer_file_or_embeddings_as_one_safetensors(cases):
-    pipe = load_pipeline(BASE, TSDSR_PARITY / "lora" / "transformer.safetensors",
-                         embeddings=EMBEDDINGS / "embeddings.safetensors")
+    pipe = load_pipeline(
+        BASE, TSDSR_PARITY / "lora" / "transformer.safetensors", embeddings=EMBEDDINGS / "embeddings.safetensors"
+    )
     pipe.set_progress_bar_config(disable=True)
     assert raw_diff(run_case(pipe, cases[0]), cases[0]) <= RAW_ATOL
 

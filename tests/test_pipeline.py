@@ -43,7 +43,9 @@ def test_sd21_one_step_coefficients_match_published_values(pipe):
     # methods-osediff.md: x0 = 14.6488 z - 14.6147 eps at t = 999 for SD2.1-base's schedule
     z, eps = torch.tensor([[1.0]]), torch.tensor([[0.0]])
     assert pipe.predict_clean_latent(eps, z).item() == pytest.approx(14.6488, abs=1e-3)
-    assert pipe.predict_clean_latent(torch.tensor([[1.0]]), torch.tensor([[0.0]])).item() == pytest.approx(-14.6147, abs=1e-3)
+    assert pipe.predict_clean_latent(torch.tensor([[1.0]]), torch.tensor([[0.0]])).item() == pytest.approx(
+        -14.6147, abs=1e-3
+    )
 
 
 @pytest.mark.parametrize("size,upscale", [((37, 27), 1), ((37, 27), 2), ((1, 1), 4), ((1, 9), 4), ((64, 3), 2)])
@@ -138,14 +140,17 @@ def test_bad_inputs_are_clear_errors(pipe, bad, message):
         pipe(bad)
 
 
-@pytest.mark.parametrize("kw,message", [
-    ({"upscale": 0}, "upscale must be a positive integer"),
-    ({"upscale": 2.5}, "upscale must be a positive integer"),
-    ({"upscale": 100000}, "largest side supported"),
-    ({"color_fix": "hist"}, "color_fix must be one of"),
-    ({"latent_sampling": "argmax"}, "latent_sampling must be one of"),
-    ({"prompt": ["a", "b"]}, "got 2 prompts for 1 images"),
-])
+@pytest.mark.parametrize(
+    "kw,message",
+    [
+        ({"upscale": 0}, "upscale must be a positive integer"),
+        ({"upscale": 2.5}, "upscale must be a positive integer"),
+        ({"upscale": 100000}, "largest side supported"),
+        ({"color_fix": "hist"}, "color_fix must be one of"),
+        ({"latent_sampling": "argmax"}, "latent_sampling must be one of"),
+        ({"prompt": ["a", "b"]}, "got 2 prompts for 1 images"),
+    ],
+)
 def test_bad_arguments_are_clear_errors(pipe, kw, message):
     with pytest.raises((ValueError, ImageInputError), match=message):
         pipe(torch.rand(3, 4, 4), **kw)
@@ -185,8 +190,13 @@ def test_decode_falls_back_to_fp32_on_overflow(osediff_pipe_fused, monkeypatch):
 def test_learned_prompt_embedding_pipeline_round_trips(osediff_pipe_fused, tmp_path):
     c = osediff_pipe_fused.components
     embeds = torch.randn(1, 77, 32, generator=torch.Generator().manual_seed(9))
-    pipe = OneStepSRPipeline(vae=c["vae"], unet=c["unet"], scheduler=c["scheduler"],
-                             prompt_embedding=PromptEmbedding.from_tensors(embeds), timestep=999)
+    pipe = OneStepSRPipeline(
+        vae=c["vae"],
+        unet=c["unet"],
+        scheduler=c["scheduler"],
+        prompt_embedding=PromptEmbedding.from_tensors(embeds),
+        timestep=999,
+    )
     pipe.set_progress_bar_config(disable=True)
     x = torch.rand(3, 8, 8)
     out = run(pipe, x)

@@ -10,12 +10,13 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-import comfy_harness
-from helpers import OSEDIFF_PARITY, make_comfy_models
 from onestep_sr import OneStepSRPipeline, load_pipeline, prepare_for_inference, registered_methods
 from onestep_sr.pipelines.loading import WeightsProbe, load_sd_base, read_weights
 from onestep_sr.pipelines.methods import BaseModel, Method, WeightFile, register, unregister
 from onestep_sr.pipelines.options import TileDefaults
+
+import comfy_harness
+from helpers import OSEDIFF_PARITY, make_comfy_models
 
 BASE = OSEDIFF_PARITY / "tiny-sd21"
 MARKER, DELTA = "fake_sr.json", "delta.safetensors"
@@ -83,7 +84,7 @@ def test_load_pipeline_finds_the_registered_method(fake_method, fake_weights):
     BUILDS.clear()
     pipe = load_pipeline(BASE, fake_weights)
     pipe.set_progress_bar_config(disable=True)
-    assert BUILDS == [fake_weights] and pipe.sr_method is fake_method and pipe.display_name == "Fake SR"
+    assert [fake_weights] == BUILDS and pipe.sr_method is fake_method and pipe.display_name == "Fake SR"
     assert pipe.defaults == fake_method.defaults  # None / "auto" resolve to the method's own defaults
     image = torch.rand(3, 12, 10, generator=torch.Generator().manual_seed(1))
     out = pipe(image, upscale=2, output_type="pt").images
@@ -132,15 +133,51 @@ def test_the_cli_uses_it(fake_method, fake_weights, tmp_path, monkeypatch, capsy
     path = tmp_path / "in.png"
     Image.fromarray((image.numpy() * 255).round().astype("uint8")).save(path)
     out = tmp_path / "out"
-    assert cli.main(["upscale", str(path), "-o", str(out), "--base", str(BASE), "--weights", str(fake_weights),
-                     "--upscale", "2", "--dtype", "fp32", "--device", "cpu"]) == 0
+    assert (
+        cli.main(
+            [
+                "upscale",
+                str(path),
+                "-o",
+                str(out),
+                "--base",
+                str(BASE),
+                "--weights",
+                str(fake_weights),
+                "--upscale",
+                "2",
+                "--dtype",
+                "fp32",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     written = Image.open(out / "in.png")
     assert written.size == (20, 24)
     expected = reference(Image.open(path), fake_weights)[0]
     ours = torch.from_numpy(np.asarray(written, dtype="float32") / 255).permute(2, 0, 1)
     assert (ours - expected).abs().max() <= 0.5 / 255 + 1e-6  # 8-bit rounding of the same image
-    assert cli.main(["upscale", str(path), "-o", str(out), "--method", "fake-sr", "--base", str(BASE),
-                     "--weights", str(fake_weights), "--upscale", "2"]) == 0
+    assert (
+        cli.main(
+            [
+                "upscale",
+                str(path),
+                "-o",
+                str(out),
+                "--method",
+                "fake-sr",
+                "--base",
+                str(BASE),
+                "--weights",
+                str(fake_weights),
+                "--upscale",
+                "2",
+            ]
+        )
+        == 0
+    )
     # the missing-weights message lists the registered method's files and where they come from
     monkeypatch.setattr(cli, "DEFAULT_MODELS_DIR", tmp_path / "no-models")
     assert cli.main(["upscale", str(path), "-o", str(out)]) == 2

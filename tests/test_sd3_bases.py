@@ -6,11 +6,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import TSDSR_PARITY, TSDSR_RAW_ATOL, run_tsdsr_case, tsdsr_cases, tsdsr_raw_diff
-from ldm_checkpoint import write_sd3_single_file
 from onestep_sr import CheckpointError, load_pipeline
 from onestep_sr.pipelines.demo_models import write_offline_clip_tokenizer
 from onestep_sr.pipelines.loading import SD3_MEDIUM_CONFIG
+
+from helpers import TSDSR_PARITY, TSDSR_RAW_ATOL, run_tsdsr_case, tsdsr_cases, tsdsr_raw_diff
+from ldm_checkpoint import write_sd3_single_file
 
 BASE = TSDSR_PARITY / "tiny-sd3"
 LORA = TSDSR_PARITY / "lora"
@@ -34,7 +35,9 @@ def test_bundled_sd3_medium_config_and_wrong_single_files(tmp_path):
     from safetensors.torch import save_file
 
     with torch.device("meta"):
-        transformer = SD3Transformer2DModel.from_config(json.loads((SD3_MEDIUM_CONFIG / "transformer" / "config.json").read_text()))
+        transformer = SD3Transformer2DModel.from_config(
+            json.loads((SD3_MEDIUM_CONFIG / "transformer" / "config.json").read_text())
+        )
     assert sum(p.numel() for p in transformer.parameters()) == 2_028_328_000  # SD3-medium's 2B MMDiT
     sd21_like = tmp_path / "sd21.safetensors"
     save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(1)}, str(sd21_like))
@@ -50,8 +53,17 @@ def base_with_text_encoders(tmp_path_factory):
     shutil.copytree(BASE, folder)
     torch.manual_seed(7)
     for suffix in ("", "_2"):
-        config = CLIPTextConfig(hidden_size=8, intermediate_size=16, num_attention_heads=2, num_hidden_layers=2,
-                                projection_dim=32, vocab_size=1000, bos_token_id=0, eos_token_id=2, pad_token_id=1)
+        config = CLIPTextConfig(
+            hidden_size=8,
+            intermediate_size=16,
+            num_attention_heads=2,
+            num_hidden_layers=2,
+            projection_dim=32,
+            vocab_size=1000,
+            bos_token_id=0,
+            eos_token_id=2,
+            pad_token_id=1,
+        )
         CLIPTextModelWithProjection(config).save_pretrained(folder / f"text_encoder{suffix}")
         write_offline_clip_tokenizer(folder / f"tokenizer{suffix}")
     return folder
@@ -69,14 +81,18 @@ def test_custom_prompt_through_sd3_text_encoders(base_with_text_encoders):
     # projected text embeds. Tokens padded to 77 with each tokenizer's pad token.
     hidden, pooled = [], []
     for enc, tok in ((pipe.text_encoder, pipe.tokenizer), (pipe.text_encoder_2, pipe.tokenizer_2)):
-        ids = tok("a photo of a cat", padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+        ids = tok(
+            "a photo of a cat", padding="max_length", max_length=77, truncation=True, return_tensors="pt"
+        ).input_ids
         result = enc(ids, output_hidden_states=True)
         hidden.append(result.hidden_states[-2])
         pooled.append(result.text_embeds)
     joint = pipe.transformer.config.joint_attention_dim
     clip = F.pad(torch.cat(hidden, dim=-1), (0, joint - 16))
     embeds = torch.cat([clip, torch.zeros(1, 256, joint)], dim=1)
-    expected = pipe(image, prompt_embeds=embeds, pooled_prompt_embeds=torch.cat(pooled, dim=-1), output_type="pt").images
+    expected = pipe(
+        image, prompt_embeds=embeds, pooled_prompt_embeds=torch.cat(pooled, dim=-1), output_type="pt"
+    ).images
     torch.testing.assert_close(out, expected, atol=1e-6, rtol=0)
     # the empty prompt keeps the official fixed embeddings
     fixed = pipe(image, output_type="pt").images

@@ -1,15 +1,15 @@
 """Tiling: exact machinery (blending, streamed VAE), measured approximations, sizes, progress, OOM retries."""
 
+import itertools
 import math
 
-import numpy as np
 import pytest
 import torch
 from diffusers import AutoencoderKL
 
 from onestep_sr import Conditioning
-from onestep_sr.pipelines.tiling import plan as tiling_plan
 from onestep_sr.pipelines.tiling import blend_weights, run_tiled, tile_regions, tile_starts
+from onestep_sr.pipelines.tiling import plan as tiling_plan
 from onestep_sr.pipelines.tiling.plan import DenoiserFacts
 from onestep_sr.pipelines.tiling.streamed_vae import StreamedVAE
 
@@ -27,7 +27,7 @@ def test_tile_starts_cover_everything_with_the_requested_overlap(length, tile, o
     for s in starts:
         covered[s : s + tile] = True
     assert covered.all()
-    assert all(b - a <= tile - overlap for a, b in zip(starts, starts[1:]))
+    assert all(b - a <= tile - overlap for a, b in itertools.pairwise(starts))
 
 
 @pytest.mark.parametrize("blend", ["gaussian", "linear"])
@@ -59,9 +59,17 @@ def test_one_tile_covering_the_latent_is_the_untiled_run(osediff_pipe_fused):
 
 def tiny_vae(attention: bool, seed: int = 0) -> AutoencoderKL:
     torch.manual_seed(seed)
-    vae = AutoencoderKL(block_out_channels=(32, 64), in_channels=3, out_channels=3, latent_channels=4,
-                        down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
-                        norm_num_groups=16, layers_per_block=2, mid_block_add_attention=attention).eval()
+    vae = AutoencoderKL(
+        block_out_channels=(32, 64),
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        down_block_types=["DownEncoderBlock2D"] * 2,
+        up_block_types=["UpDecoderBlock2D"] * 2,
+        norm_num_groups=16,
+        layers_per_block=2,
+        mid_block_add_attention=attention,
+    ).eval()
     with torch.no_grad():  # non-trivial affine norms, so a loader/streamer that skips them is caught
         for m in vae.modules():
             if isinstance(m, torch.nn.GroupNorm):
@@ -210,14 +218,17 @@ def test_auto_tile_size_follows_free_memory(osediff_pipe_fused, monkeypatch):
     assert pipe.plan_tiling((40, 40)).tile_size is None  # fits in one tile: untiled
 
 
-@pytest.mark.parametrize("kw,message", [
-    ({"tile_size": 4}, "tile_size must be"),
-    ({"vae_tile_size": 8}, "vae_tile_size must be"),
-    ({"tile_overlap": -1}, "tile_overlap must be"),
-    ({"tile_batch_size": 0}, "tile_batch_size must be"),
-    ({"blend": "cosine"}, "blend must be one of"),
-    ({"tile_size": 32, "tile_overlap": 40}, None),  # overlap is capped at half the tile, not an error
-])
+@pytest.mark.parametrize(
+    "kw,message",
+    [
+        ({"tile_size": 4}, "tile_size must be"),
+        ({"vae_tile_size": 8}, "vae_tile_size must be"),
+        ({"tile_overlap": -1}, "tile_overlap must be"),
+        ({"tile_batch_size": 0}, "tile_batch_size must be"),
+        ({"blend": "cosine"}, "blend must be one of"),
+        ({"tile_size": 32, "tile_overlap": 40}, None),  # overlap is capped at half the tile, not an error
+    ],
+)
 def test_tiling_arguments_are_checked(osediff_pipe_fused, kw, message):
     image = torch.rand(3, 40, 40)
     if message is None:

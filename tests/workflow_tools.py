@@ -99,12 +99,23 @@ def build(graph: list[dict]) -> tuple[dict, dict]:
                 source, slot = n["links"][name]
                 links.append([link_id, source, slot, n["id"], len(ui_inputs), kind])
             ui_inputs.append({"name": name, "type": kind, "link": link_id})
-        nodes.append({
-            "id": n["id"], "type": n["type"], "pos": list(n["pos"]), "size": [320, 160], "flags": {}, "order": order,
-            "mode": 0, "inputs": ui_inputs,
-            "outputs": [{"name": name, "type": kind, "links": [], "slot_index": i} for i, (name, kind) in enumerate(outputs)],
-            "properties": {"Node name for S&R": n["type"]}, "widgets_values": values,
-        })
+        nodes.append(
+            {
+                "id": n["id"],
+                "type": n["type"],
+                "pos": list(n["pos"]),
+                "size": [320, 160],
+                "flags": {},
+                "order": order,
+                "mode": 0,
+                "inputs": ui_inputs,
+                "outputs": [
+                    {"name": name, "type": kind, "links": [], "slot_index": i} for i, (name, kind) in enumerate(outputs)
+                ],
+                "properties": {"Node name for S&R": n["type"]},
+                "widgets_values": values,
+            }
+        )
         api[str(n["id"])] = {
             "class_type": n["type"],
             "inputs": {k: v for k, v in n["widgets"].items() if k not in NOT_PROMPT_INPUTS}
@@ -115,20 +126,46 @@ def build(graph: list[dict]) -> tuple[dict, dict]:
         source = next(node for node in nodes if node["id"] == link[1])
         source["outputs"][link[2]]["links"].append(link[0])
     assert all(n["id"] in by_id for n in graph)
-    ui = {"last_node_id": max(by_id), "last_link_id": len(links), "nodes": nodes, "links": links, "groups": [],
-          "config": {}, "extra": {"ds": {"scale": 1, "offset": [0, 0]}}, "version": 0.4}
+    ui = {
+        "last_node_id": max(by_id),
+        "last_link_id": len(links),
+        "nodes": nodes,
+        "links": links,
+        "groups": [],
+        "config": {},
+        "extra": {"ds": {"scale": 1, "offset": [0, 0]}},
+        "version": 0.4,
+    }
     return ui, api
 
 
 def _sr_nodes(base: str, weights: str, upscale_widgets: dict, image_link=(1, 0)) -> list[dict]:
     return [
-        {"id": 2, "type": "OneStepSRModelLoader", "pos": (40, 320),
-         "widgets": {"base": base, "weights": weights, "dtype": "auto", "device": "auto", "fuse_lora": True}},
+        {
+            "id": 2,
+            "type": "OneStepSRModelLoader",
+            "pos": (40, 320),
+            "widgets": {"base": base, "weights": weights, "dtype": "auto", "device": "auto", "fuse_lora": True},
+        },
         {"id": 3, "type": "OneStepSRPrompt", "pos": (40, 560), "widgets": {"mode": "model default", "text": ""}},
-        {"id": 4, "type": "OneStepSRUpscale", "pos": (420, 100),
-         "widgets": {"upscale": 4, "color_fix": "auto", "tile_size": 0, "tile_overlap": -1, "vae_tile_size": 0,
-                     "seed": 0, "latent_sampling": "mode", "tile_batch_size": 1, "blend": "gaussian"} | upscale_widgets,
-         "links": {"sr_model": (2, 0), "image": image_link, "prompt": (3, 0)}},
+        {
+            "id": 4,
+            "type": "OneStepSRUpscale",
+            "pos": (420, 100),
+            "widgets": {
+                "upscale": 4,
+                "color_fix": "auto",
+                "tile_size": 0,
+                "tile_overlap": -1,
+                "vae_tile_size": 0,
+                "seed": 0,
+                "latent_sampling": "mode",
+                "tile_batch_size": 1,
+                "blend": "gaussian",
+            }
+            | upscale_widgets,
+            "links": {"sr_model": (2, 0), "image": image_link, "prompt": (3, 0)},
+        },
     ]
 
 
@@ -140,20 +177,38 @@ def workflow_graphs() -> dict[str, list[dict]]:
     load = {"id": 1, "type": "LoadImage", "pos": (40, 40), "widgets": {"image": "example.png", "upload": "image"}}
 
     def save(prefix, source=(4, 0), node_id=5):
-        return {"id": node_id, "type": "SaveImage", "pos": (820, 100), "widgets": {"filename_prefix": prefix},
-                "links": {"images": source}}
+        return {
+            "id": node_id,
+            "type": "SaveImage",
+            "pos": (820, 100),
+            "widgets": {"filename_prefix": prefix},
+            "links": {"images": source},
+        }
 
     return {
         "osediff_upscale": [load, *_sr_nodes(SD21, "osediff.pkl", {}), save("onestep_sr/osediff")],
-        "large_image_tiled": [load, *_sr_nodes(SD21, "osediff.pkl", {"tile_size": 64, "tile_overlap": 16,
-                                                                     "vae_tile_size": 512}), save("onestep_sr/large")],
+        "large_image_tiled": [
+            load,
+            *_sr_nodes(SD21, "osediff.pkl", {"tile_size": 64, "tile_overlap": 16, "vae_tile_size": 512}),
+            save("onestep_sr/large"),
+        ],
         "split_process_stitch": [
             load,
-            {"id": 6, "type": "OneStepSRTileSplit", "pos": (40, 760), "widgets": {"tile_size": 256, "overlap": 32},
-             "links": {"image": (1, 0)}},
+            {
+                "id": 6,
+                "type": "OneStepSRTileSplit",
+                "pos": (40, 760),
+                "widgets": {"tile_size": 256, "overlap": 32},
+                "links": {"image": (1, 0)},
+            },
             *_sr_nodes(SD21, "osediff.pkl", {}, image_link=(6, 0)),
-            {"id": 7, "type": "OneStepSRTileStitch", "pos": (820, 300), "widgets": {},
-             "links": {"tiles": (4, 0), "layout": (6, 1)}},
+            {
+                "id": 7,
+                "type": "OneStepSRTileStitch",
+                "pos": (820, 300),
+                "widgets": {},
+                "links": {"tiles": (4, 0), "layout": (6, 1)},
+            },
             save("onestep_sr/stitched", source=(7, 0)),
         ],
         "tsdsr_upscale": [load, *_sr_nodes(SD3, "tsdsr", {}), save("onestep_sr/tsdsr")],

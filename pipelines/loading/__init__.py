@@ -6,8 +6,8 @@ from .files import CheckpointError, WeightsProbe, read_weight_keys, read_weights
 from .lora import LoRAWeights, apply_lora, collect_lora_factors, fuse_lora_delta, replace_weights
 
 __all__ = [
-    "SD21_BASE_CONFIG",
     "SD3_MEDIUM_CONFIG",
+    "SD21_BASE_CONFIG",
     "CheckpointError",
     "LoRAWeights",
     "WeightsProbe",

@@ -1,4 +1,4 @@
-"""Base models from local files: SD2.x and SD3 diffusers folders, or single-file checkpoints read with bundled configs."""
+"""Base models from local files: SD2.x and SD3 diffusers folders, or single files read with bundled configs."""
 
 from __future__ import annotations
 
@@ -64,8 +64,12 @@ def _load_sd_single_file(path: Path, config: Path, dtype: torch.dtype, needed_by
     try:
         with quiet_diffusers():
             pipe = StableDiffusionPipeline.from_single_file(
-                str(path), config=str(config), local_files_only=True, safety_checker=None,
-                requires_safety_checker=False, torch_dtype=dtype,
+                str(path),
+                config=str(config),
+                local_files_only=True,
+                safety_checker=None,
+                requires_safety_checker=False,
+                torch_dtype=dtype,
             )
     except (OSError, ValueError, KeyError, RuntimeError) as err:
         raise CheckpointError(f"{path}: could not be read as an SD2.1 checkpoint: {err}") from err
@@ -80,7 +84,8 @@ def _load_sd_single_file(path: Path, config: Path, dtype: torch.dtype, needed_by
 
 
 def _check_single_file_is_sd2(path: Path, needed_by: str) -> None:
-    """SD2.x keeps its OpenCLIP text encoder under cond_stage_model.model.*; SD1.x uses CLIP ViT-L, SDXL a conditioner."""
+    """SD2.x keeps its OpenCLIP text encoder under cond_stage_model.model.*; SD1.x uses CLIP ViT-L, SDXL a
+    conditioner."""
     key = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
     state = read_weight_keys(path)
     if key not in state:
@@ -88,7 +93,9 @@ def _check_single_file_is_sd2(path: Path, needed_by: str) -> None:
     if "conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight" in state:
         raise CheckpointError(f"{path}: this is an SDXL checkpoint; {needed_by} need SD2.1-base")
     if not any(k.startswith("cond_stage_model.model.") for k in state):
-        raise CheckpointError(f"{path}: this is an SD1.x checkpoint (CLIP ViT-L text encoder); {needed_by} need SD2.1-base")
+        raise CheckpointError(
+            f"{path}: this is an SD1.x checkpoint (CLIP ViT-L text encoder); {needed_by} need SD2.1-base"
+        )
 
 
 def load_sd3_base(
@@ -105,7 +112,9 @@ def load_sd3_base(
         components = {
             "transformer": SD3Transformer2DModel.from_pretrained(base, subfolder="transformer", **kw),
             "vae": AutoencoderKL.from_pretrained(base, subfolder="vae", **kw),
-            "scheduler": FlowMatchEulerDiscreteScheduler.from_pretrained(base, subfolder="scheduler", local_files_only=True),
+            "scheduler": FlowMatchEulerDiscreteScheduler.from_pretrained(
+                base, subfolder="scheduler", local_files_only=True
+            ),
         }
         components.update(_load_sd3_text_encoders(base))
         return components
@@ -116,18 +125,24 @@ def load_sd3_base(
             raise CheckpointError(f"{base}: not an SD3 checkpoint (no model.diffusion_model.joint_blocks.* keys)")
         try:
             with quiet_diffusers():
-                transformer = SD3Transformer2DModel.from_single_file(str(base), config=str(config), subfolder="transformer", **kw)
+                transformer = SD3Transformer2DModel.from_single_file(
+                    str(base), config=str(config), subfolder="transformer", **kw
+                )
                 vae = AutoencoderKL.from_single_file(str(base), config=str(config), subfolder="vae", **kw)
             return {
                 "transformer": transformer,
                 "vae": vae,
-                "scheduler": FlowMatchEulerDiscreteScheduler.from_pretrained(config, subfolder="scheduler", local_files_only=True),
+                "scheduler": FlowMatchEulerDiscreteScheduler.from_pretrained(
+                    config, subfolder="scheduler", local_files_only=True
+                ),
             }
         except (OSError, ValueError, KeyError, RuntimeError) as err:
             raise CheckpointError(f"{base}: could not be read as an SD3 checkpoint: {err}") from err
     if not base.exists():
         raise CheckpointError(f"base model not found: {base}")
-    raise CheckpointError(f"{base}: expected an SD3 diffusers folder or a single-file checkpoint {SINGLE_FILE_SUFFIXES}")
+    raise CheckpointError(
+        f"{base}: expected an SD3 diffusers folder or a single-file checkpoint {SINGLE_FILE_SUFFIXES}"
+    )
 
 
 def _load_sd3_text_encoders(base: Path) -> dict[str, Any]:
@@ -156,5 +171,3 @@ def quiet_diffusers():
         yield
     finally:
         diffusers_logging.set_verbosity(previous)
-
-

@@ -27,7 +27,8 @@ def resolve_device(device: Any) -> torch.device:
 
 
 def resolve_dtype(dtype: Any, device: torch.device) -> torch.dtype:
-    """None -> fp32; "auto" -> bf16 where it runs fast (CUDA with bf16, CPUs with AMX/AVX512-BF16), else fp16 on CUDA, else fp32."""
+    """None -> fp32; "auto" -> bf16 where it runs fast (CUDA with bf16, CPUs with AMX/AVX512-BF16), else fp16
+    on CUDA, else fp32; "fp32"/"bf16"/"fp16" or a torch dtype as given."""
     if dtype is None:
         return torch.float32
     if isinstance(dtype, torch.dtype):

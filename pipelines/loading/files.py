@@ -15,7 +15,6 @@ import torch
 from ..options import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, WEIGHT_SUFFIXES
 
 
-
 class CheckpointError(ValueError):
     """A weight file that is missing, unreadable, of an unknown format, or does not fit the base model."""
 
@@ -49,9 +48,7 @@ def read_weights(path: str | os.PathLike, allow_tensor: bool = False) -> Any:
         if not isinstance(state, dict) and not (allow_tensor and isinstance(state, torch.Tensor)):
             raise CheckpointError(f"{path}: expected a dict of weights, found a {type(state).__name__}")
         return state
-    raise CheckpointError(
-        f"{path}: unknown file type {suffix!r}; expected one of {WEIGHT_SUFFIXES}"
-    )
+    raise CheckpointError(f"{path}: unknown file type {suffix!r}; expected one of {WEIGHT_SUFFIXES}")
 
 
 def read_weight_keys(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
@@ -62,7 +59,7 @@ def read_weight_keys(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
 
         try:
             with safe_open(str(path), "pt") as f:
-                return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+                return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 (not a dict)
         except (SafetensorError, OSError, ValueError, RuntimeError) as err:
             raise CheckpointError(f"{path}: not a readable safetensors file (truncated or corrupted?): {err}") from err
     state = read_weights(path)
@@ -74,8 +71,6 @@ def read_weight_keys(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
 def _is_zip(path: Path) -> bool:
     # memory-mapping needs the zip-based format; legacy pickles are read into memory
     return zipfile.is_zipfile(path)
-
-
 
 
 class WeightsProbe:
@@ -112,7 +107,9 @@ class WeightsProbe:
         if path not in self._keys:
             if path in self._states or path.suffix.lower() not in SAFETENSORS_SUFFIXES:
                 state = self.state(path)
-                self._keys[path] = {str(k): tuple(v.shape) if isinstance(v, torch.Tensor) else () for k, v in state.items()}
+                self._keys[path] = {
+                    str(k): tuple(v.shape) if isinstance(v, torch.Tensor) else () for k, v in state.items()
+                }
             else:
                 self._keys[path] = read_weight_keys(path)
         return self._keys[path]

@@ -20,7 +20,9 @@ class LoRAWeights:
     scale: float
 
 
-def collect_lora_factors(sd: dict[str, torch.Tensor], path: str | os.PathLike) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def collect_lora_factors(
+    sd: dict[str, torch.Tensor], path: str | os.PathLike
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Group peft keys `<module>.lora_A.<adapter>.weight` by module; adapters are merged (disjoint targets)."""
     a_parts: dict[str, torch.Tensor] = {}
     b_parts: dict[str, torch.Tensor] = {}
@@ -60,7 +62,10 @@ def apply_lora(model: nn.Module, lora: LoRAWeights, *, fuse: bool, adapter_name:
     # peft's scale is lora_alpha / r: give every module alpha = scale * its own rank
     odd = {name: r for name, r in ranks.items() if r != rank}
     config = LoraConfig(
-        r=rank, lora_alpha=lora.scale * rank, target_modules=targets, init_lora_weights=False,
+        r=rank,
+        lora_alpha=lora.scale * rank,
+        target_modules=targets,
+        init_lora_weights=False,
         rank_pattern={f"^{re.escape(n)}$": r for n, r in odd.items()},
         alpha_pattern={f"^{re.escape(n)}$": lora.scale * r for n, r in odd.items()},
     )
@@ -86,11 +91,13 @@ def replace_weights(model: nn.Module, tensors: dict[str, torch.Tensor], source: 
     params = dict(model.named_parameters())
     for name, value in tensors.items():
         if name not in params:
-            raise CheckpointError(f"{source}: the base model has no parameter {name}; wrong base model for these weights?")
+            raise CheckpointError(
+                f"{source}: the base model has no parameter {name}; wrong base model for these weights?"
+            )
         if params[name].shape != value.shape:
             raise CheckpointError(
-                f"{source}: {name} has shape {tuple(value.shape)} but the base model expects {tuple(params[name].shape)}; "
-                "wrong base model for these weights?"
+                f"{source}: {name} has shape {tuple(value.shape)} but the base model expects "
+                f"{tuple(params[name].shape)}; wrong base model for these weights?"
             )
         with torch.no_grad():
             params[name].copy_(value)

@@ -15,6 +15,9 @@ import torch
 
 from ..loading.devices import prepare_for_inference, resolve_device, resolve_dtype
 from ..loading.files import CheckpointError
+
+# The built-in methods, in the order they are tried and listed.
+from . import osediff, tsdsr  # noqa: F401  (registers them)
 from .registry import (
     BaseModel,
     BuildOptions,
@@ -31,9 +34,6 @@ from .registry import (
     unregister,
 )
 
-# The built-in methods, in the order they are tried and listed.
-from . import osediff, tsdsr  # noqa: E402, F401  (registers them)
-
 __all__ = [
     "BaseModel",
     "BuildOptions",
@@ -44,8 +44,8 @@ __all__ = [
     "detect_method",
     "folder_markers",
     "get_method",
-    "load_pipeline",
     "load_converted",
+    "load_pipeline",
     "looks_like_folder_of",
     "method_of",
     "register",

@@ -34,7 +34,7 @@ class OSEDiffWeights:
 
 
 def detect(probe: WeightsProbe) -> bool:
-    return not probe.is_dir and OSEDIFF_KEYS <= probe.keys().keys()
+    return not probe.is_dir and probe.keys().keys() >= OSEDIFF_KEYS
 
 
 def parse_osediff(state: dict[str, Any], path: str | os.PathLike = "<weights>") -> OSEDiffWeights:

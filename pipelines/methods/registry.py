@@ -8,9 +8,10 @@ asks the registry instead of naming a method (spandrel's "one detector per archi
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from ..loading.files import CheckpointError, WeightsProbe
 from ..options import GENERIC_DEFAULTS, TileDefaults

@@ -99,11 +99,15 @@ def read_tsdsr_embeddings(path: str | os.PathLike) -> tuple[torch.Tensor, torch.
     else:
         state = read_weights(path)
         if not {"prompt_embeds", "pool_embeds"} <= state.keys():
-            raise CheckpointError(f"{path}: expected tensors 'prompt_embeds' and 'pool_embeds', found {sorted(state)[:6]}")
+            raise CheckpointError(
+                f"{path}: expected tensors 'prompt_embeds' and 'pool_embeds', found {sorted(state)[:6]}"
+            )
         embeds, pooled = state["prompt_embeds"], state["pool_embeds"]
     for name, t, ndim in (("prompt_embeds", embeds, 3), ("pool_embeds", pooled, 2)):
         if not isinstance(t, torch.Tensor) or t.ndim not in (ndim - 1, ndim):
-            raise CheckpointError(f"{path}: {name} must be a tensor of {ndim - 1} or {ndim} dims, got {getattr(t, 'shape', t)}")
+            raise CheckpointError(
+                f"{path}: {name} must be a tensor of {ndim - 1} or {ndim} dims, got {getattr(t, 'shape', t)}"
+            )
     return embeds, pooled
 
 
@@ -124,7 +128,8 @@ def _check_embeddings_fit(embeds: torch.Tensor, pooled: torch.Tensor, transforme
     if embeds.shape[-1] != cfg.joint_attention_dim or pooled.shape[-1] != cfg.pooled_projection_dim:
         raise CheckpointError(
             f"{source}: prompt embeddings {tuple(embeds.shape)} / pooled {tuple(pooled.shape)} do not fit the base "
-            f"transformer (joint_attention_dim {cfg.joint_attention_dim}, pooled_projection_dim {cfg.pooled_projection_dim})"
+            f"transformer (joint_attention_dim {cfg.joint_attention_dim}, "
+            f"pooled_projection_dim {cfg.pooled_projection_dim})"
         )
 
 

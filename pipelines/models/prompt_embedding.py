@@ -11,7 +11,8 @@ from diffusers.models.modeling_utils import ModelMixin
 
 
 class PromptEmbedding(ModelMixin, ConfigMixin):
-    """`embeds` (1, num_tokens, dim) and, when pooled_dim > 0, `pooled` (1, pooled_dim); saved like any diffusers model."""
+    """`embeds` (1, num_tokens, dim) and, when pooled_dim > 0, `pooled` (1, pooled_dim); saved like any diffusers
+    model."""
 
     @register_to_config
     def __init__(self, num_tokens: int = 77, dim: int = 1024, pooled_dim: int = 0):
@@ -24,14 +25,16 @@ class PromptEmbedding(ModelMixin, ConfigMixin):
         return self.embeds.detach().to(device, dtype), pooled
 
     @classmethod
-    def from_tensors(cls, embeds: torch.Tensor, pooled: torch.Tensor | None = None) -> "PromptEmbedding":
+    def from_tensors(cls, embeds: torch.Tensor, pooled: torch.Tensor | None = None) -> PromptEmbedding:
         if embeds.ndim == 2:
             embeds = embeds[None]
         if embeds.ndim != 3 or embeds.shape[0] != 1:
             raise ValueError(f"a prompt embedding must be (tokens, dim) or (1, tokens, dim), got {tuple(embeds.shape)}")
         if pooled is not None:
             pooled = pooled.reshape(1, -1)
-        module = cls(num_tokens=embeds.shape[1], dim=embeds.shape[2], pooled_dim=0 if pooled is None else pooled.shape[1])
+        module = cls(
+            num_tokens=embeds.shape[1], dim=embeds.shape[2], pooled_dim=0 if pooled is None else pooled.shape[1]
+        )
         with torch.no_grad():
             module.embeds.copy_(embeds.float())
             if pooled is not None:

@@ -36,7 +36,9 @@ def encode_sd3_prompt(
         pooled.append(out.text_embeds.float())
     clip = torch.cat(hidden, dim=-1)
     if clip.shape[-1] > joint_dim:
-        raise ValueError(f"the CLIP text encoders give {clip.shape[-1]} channels, more than the transformer's {joint_dim}")
+        raise ValueError(
+            f"the CLIP text encoders give {clip.shape[-1]} channels, more than the transformer's {joint_dim}"
+        )
     clip = F.pad(clip, (0, joint_dim - clip.shape[-1]))
     if t5 is None:
         t5_states = torch.zeros(1, T5_TOKENS, joint_dim, device=clip.device)

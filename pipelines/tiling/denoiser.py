@@ -8,7 +8,7 @@ in the model output with image-wide coefficients), but cheaper and exactly like 
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -16,7 +16,8 @@ from ..options import BLEND_MODES
 
 
 def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
-    """Start offsets covering [0, length) with tiles of `tile` that overlap by at least `overlap`; last one snapped to the end."""
+    """Start offsets covering [0, length) with tiles of `tile` overlapping by at least `overlap`; the last one is
+    snapped to the end."""
     if length <= tile:
         return [0]
     stride = tile - overlap

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 import torch
 
@@ -130,7 +131,7 @@ class TilingPlan:
     batch_size: int
     blend: str
     vae_tile_size: int | None
-    device: torch.device = torch.device("cpu")
+    device: torch.device = torch.device("cpu")  # noqa: RUF009 (torch.device is immutable)
 
     @classmethod
     def untiled(cls, latent_hw: tuple[int, int] = (0, 0)) -> TilingPlan:

@@ -20,7 +20,7 @@ workspace, instead of every intermediate of the untiled graph at once.
 
 from __future__ import annotations
 
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -39,8 +39,15 @@ def tiles(height: int, width: int, size: int) -> Iterator[Region]:
 class StreamedVAE:
     """Streamed forward passes of a diffusers AutoencoderKL (SD-style Encoder/Decoder)."""
 
-    def __init__(self, vae, tile_size: int, attention_tile: int, attention_pad: int,
-                 global_attention_tokens: int = 0, per_tile_stats: bool = False):
+    def __init__(
+        self,
+        vae,
+        tile_size: int,
+        attention_tile: int,
+        attention_pad: int,
+        global_attention_tokens: int = 0,
+        per_tile_stats: bool = False,
+    ):
         self.vae = vae
         self.tile = max(8, int(tile_size))
         self.attention_tile = max(1, int(attention_tile))
@@ -98,8 +105,13 @@ class StreamedVAE:
         # With an identity shortcut each output tile needs x at that tile only, so it can overwrite x
         # there: one whole feature map less at the largest stages. Callers never reuse a resnet's input.
         in_place = shortcut is None and isinstance(x, torch.Tensor)
-        out = self.conv(block.conv2, h, pre=self.norm_act(block.norm2, block.nonlinearity, h), residual=residual,
-                        out=x if in_place else None)
+        out = self.conv(
+            block.conv2,
+            h,
+            pre=self.norm_act(block.norm2, block.nonlinearity, h),
+            residual=residual,
+            out=x if in_place else None,
+        )
         del h
         if block.output_scale_factor != 1:
             out.div_(block.output_scale_factor)
@@ -152,8 +164,7 @@ class StreamedVAE:
             out[..., r0:r1, c0:c1] = conv(region)
         return out
 
-
-    def materialize(self, lazy: "UpsampledMap") -> torch.Tensor:
+    def materialize(self, lazy: UpsampledMap) -> torch.Tensor:
         out = _empty_map(lazy, lazy.shape[1], *lazy.shape[-2:])
         for r0, r1, c0, c1 in tiles(*lazy.shape[-2:], self.tile):
             out[..., r0:r1, c0:c1] = lazy[..., r0:r1, c0:c1]
@@ -161,8 +172,14 @@ class StreamedVAE:
 
     # ------------------------------------------------------------------ primitives
 
-    def conv(self, conv, x: torch.Tensor, pre: Callable | None = None, residual: Callable | None = None,
-             out: torch.Tensor | None = None) -> torch.Tensor:
+    def conv(
+        self,
+        conv,
+        x: torch.Tensor,
+        pre: Callable | None = None,
+        residual: Callable | None = None,
+        out: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """A stride-1 'same' convolution tile by tile: each tile reads its region plus the kernel's halo.
 
         Zero padding then only happens at the true image border, exactly as in the untiled conv.
@@ -192,6 +209,7 @@ class StreamedVAE:
         """GroupNorm (+ activation) of regions of `x`, with statistics of the whole of `x`."""
         groups = norm.num_groups
         if self.per_tile_stats:
+
             def per_tile(region):
                 y = F.group_norm(region, groups, norm.weight, norm.bias, norm.eps)
                 return act(y) if act is not None else y
@@ -201,7 +219,10 @@ class StreamedVAE:
         channels = x.shape[1]
         per_channel = channels // groups
         scale = (rstd.repeat_interleave(per_channel) * norm.weight.double()).view(1, channels, 1, 1)
-        shift = (norm.bias.double().view(1, channels, 1, 1) - mean.repeat_interleave(per_channel).view(1, channels, 1, 1) * scale)
+        shift = (
+            norm.bias.double().view(1, channels, 1, 1)
+            - mean.repeat_interleave(per_channel).view(1, channels, 1, 1) * scale
+        )
         scale, shift = scale.float(), shift.float()
 
         def apply(region: torch.Tensor) -> torch.Tensor:
@@ -271,8 +292,9 @@ def group_statistics(x: torch.Tensor, groups: int, eps: float, rows: int) -> tup
     for r0 in range(0, height, step):
         strip = x[:, :, r0 : r0 + step]
         n = strip.shape[-2] * width * (channels // groups)
-        _, strip_mean, strip_rstd = torch.ops.aten.native_group_norm(strip, None, None, 1, channels,
-                                                                     strip.shape[-2] * width, groups, eps)
+        _, strip_mean, strip_rstd = torch.ops.aten.native_group_norm(
+            strip, None, None, 1, channels, strip.shape[-2] * width, groups, eps
+        )
         strip_mean = strip_mean.reshape(groups).double()
         strip_var = (1 / strip_rstd.reshape(groups).double() ** 2 - eps).clamp_min(0)
         delta = strip_mean - mean
@@ -285,8 +307,9 @@ def group_statistics(x: torch.Tensor, groups: int, eps: float, rows: int) -> tup
 
 def _empty_map(like, channels: int, height: int, width: int) -> torch.Tensor:
     # channels-last, like the conv outputs written into it (the weights are channels-last for speed)
-    return torch.empty(like.shape[0], channels, height, width, dtype=like.dtype, device=like.device,
-                       memory_format=torch.channels_last)
+    return torch.empty(
+        like.shape[0], channels, height, width, dtype=like.dtype, device=like.device, memory_format=torch.channels_last
+    )
 
 
 def _out_channels(conv) -> int:
@@ -303,8 +326,13 @@ ATTENTION_TILE, ATTENTION_PAD = 128, 32
 
 
 def streamed_vae(vae, vae_tile_size: int) -> StreamedVAE:
-    return StreamedVAE(vae, tile_size=vae_tile_size, attention_tile=ATTENTION_TILE, attention_pad=ATTENTION_PAD,
-                       global_attention_tokens=GLOBAL_ATTENTION_TOKENS)
+    return StreamedVAE(
+        vae,
+        tile_size=vae_tile_size,
+        attention_tile=ATTENTION_TILE,
+        attention_pad=ATTENTION_PAD,
+        global_attention_tokens=GLOBAL_ATTENTION_TOKENS,
+    )
 
 
 def needs_streaming(height: int, width: int, vae_tile_size: int | None) -> bool:

@@ -63,7 +63,10 @@ def stitch_tiles(tiles: torch.Tensor, layout: TileLayout) -> torch.Tensor:
         )
     s = scale_h
     th, tw = layout.tile_height * s, layout.tile_width * s
-    weights = _feather(th, layout.overlap * s, tiles.device)[:, None] * _feather(tw, layout.overlap * s, tiles.device)[None, :]
+    weights = (
+        _feather(th, layout.overlap * s, tiles.device)[:, None]
+        * _feather(tw, layout.overlap * s, tiles.device)[None, :]
+    )
     out_h, out_w = layout.image_height * s, layout.image_width * s
     channels = tiles.shape[-1]
     results = []

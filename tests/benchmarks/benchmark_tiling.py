@@ -62,8 +62,8 @@ def run_config(config: str, out_side: int) -> dict:
     import torch
 
     from onestep_sr.pipelines.images import LQImage, pad_to_multiple, upsample_pil_bicubic
+    from onestep_sr import Conditioning
     from onestep_sr.pipelines.loading import resolve_dtype
-    from onestep_sr.pipelines.tiling_options import TilingOptions
 
     torch.set_num_threads(os.cpu_count() or 1)
     dtype = torch.float32 if config == "baseline" else resolve_dtype("auto", torch.device("cpu"))
@@ -71,16 +71,17 @@ def run_config(config: str, out_side: int) -> dict:
     pipe = build_pipeline(dtype, baseline=config == "baseline")
     build_s = time.perf_counter() - t0
     rss_models = peak_rss_gib()
-    if config == "baseline":
-        tiling = TilingOptions.resolve(pipe, None, 32, 1, None, "gaussian")
-    else:
-        tiling = TilingOptions.resolve(pipe, "auto", 32, 1, "auto", "gaussian")
     lq_side = out_side // 4
+    latent_hw = (out_side // pipe.vae_scale_factor,) * 2
+    if config == "baseline":
+        tiling = pipe.plan_tiling(latent_hw, None, 32, 1, None, "gaussian")
+    else:
+        tiling = pipe.plan_tiling(latent_hw, "auto", 32, 1, "auto", "gaussian")
     g = torch.Generator().manual_seed(1)
     y, x = torch.meshgrid(torch.linspace(0, 6, lq_side), torch.linspace(0, 6, lq_side), indexing="ij")
     lq = torch.stack([torch.sin(x) * 0.4 + 0.5, torch.cos(y) * 0.4 + 0.5, torch.sin(x + y) * 0.2 + 0.5])[None]
     lq = (lq + 0.02 * torch.randn(lq.shape, generator=g)).clamp(0, 1)
-    cond = torch.randn(1, 77, 1024, generator=g).to(dtype)
+    cond = Conditioning(torch.randn(1, 77, 1024, generator=g).to(dtype))
     with torch.no_grad():
         up = upsample_pil_bicubic(LQImage(rgb=lq), 4)
         padded, _ = pad_to_multiple(up.rgb * 2 - 1, pipe.vae_scale_factor)
@@ -95,11 +96,18 @@ def run_config(config: str, out_side: int) -> dict:
         decode_s = time.perf_counter() - t
     assert image.shape[-1] == out_side and torch.isfinite(image).all()
     return {
-        "config": config, "output": out_side, "dtype": str(dtype).replace("torch.", ""),
-        "denoiser_tile": tiling.tile_for(tuple(latents.shape[-2:])), "vae_tile": tiling.vae_tile_size,
-        "encode_s": round(encode_s, 2), "denoise_s": round(denoise_s, 2), "decode_s": round(decode_s, 2),
-        "total_s": round(encode_s + denoise_s + decode_s, 2), "build_s": round(build_s, 1),
-        "rss_models_gib": round(rss_models, 2), "peak_rss_gib": round(peak_rss_gib(), 2),
+        "config": config,
+        "output": out_side,
+        "dtype": str(dtype).replace("torch.", ""),
+        "denoiser_tile": tiling.tile_size,
+        "vae_tile": tiling.vae_tile_size,
+        "encode_s": round(encode_s, 2),
+        "denoise_s": round(denoise_s, 2),
+        "decode_s": round(decode_s, 2),
+        "total_s": round(encode_s + denoise_s + decode_s, 2),
+        "build_s": round(build_s, 1),
+        "rss_models_gib": round(rss_models, 2),
+        "peak_rss_gib": round(peak_rss_gib(), 2),
     }
 
 
@@ -111,7 +119,7 @@ def vae_quality(out_side: int, vae_tile_size: int) -> dict:
     from diffusers import AutoencoderKL
 
     from onestep_sr.pipelines.loading import SD21_BASE_CONFIG
-    from onestep_sr.pipelines.tiled_vae import ATTENTION_PAD, ATTENTION_TILE, StreamedVAE, streamed_vae
+    from onestep_sr.pipelines.tiling.streamed_vae import ATTENTION_PAD, ATTENTION_TILE, StreamedVAE, streamed_vae
 
     torch.set_num_threads(os.cpu_count() or 1)
     torch.manual_seed(0)
@@ -135,17 +143,27 @@ def vae_quality(out_side: int, vae_tile_size: int) -> dict:
         peak = float(b.max() - b.min())
         return round(10 * math.log10(peak * peak / mse), 2) if mse > 0 else float("inf")
 
-    return {"output": out_side, "vae_tile": vae_tile_size, "psnr_latent_db": psnr(s_post.mean, ref_post.mean),
-            "psnr_decode_db": psnr(s_dec_only, ref), "psnr_roundtrip_db": psnr(s, ref),
-            f"tiled_attention_{ATTENTION_TILE}_pad_{ATTENTION_PAD}": {
-                "psnr_latent_db": psnr(t_post.mean, ref_post.mean), "psnr_decode_db": psnr(t_dec_only, ref)}}
+    return {
+        "output": out_side,
+        "vae_tile": vae_tile_size,
+        "psnr_latent_db": psnr(s_post.mean, ref_post.mean),
+        "psnr_decode_db": psnr(s_dec_only, ref),
+        "psnr_roundtrip_db": psnr(s, ref),
+        f"tiled_attention_{ATTENTION_TILE}_pad_{ATTENTION_PAD}": {
+            "psnr_latent_db": psnr(t_post.mean, ref_post.mean),
+            "psnr_decode_db": psnr(t_dec_only, ref),
+        },
+    }
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="512,1024,2048", help="output sides to run")
-    parser.add_argument("--baseline-sizes", default="512,1024",
-                        help="output sides for the fp32 untiled baseline (2048 needs >24 GiB untiled fp32 on CPU)")
+    parser.add_argument(
+        "--baseline-sizes",
+        default="512,1024",
+        help="output sides for the fp32 untiled baseline (2048 needs >24 GiB untiled fp32 on CPU)",
+    )
     parser.add_argument("--quality-sizes", default="2048", help="output sides for the VAE tiling PSNR check")
     parser.add_argument("--out", type=Path, default=Path("bench_out"))
     parser.add_argument("--_child", nargs=2, help=argparse.SUPPRESS)
@@ -176,27 +194,38 @@ def main() -> int:
             print(json.dumps(row), file=sys.stderr, flush=True)
     quality = [child("--_quality", side, 512) for side in [int(s) for s in args.quality_sizes.split(",") if s]]
 
-    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {__import__('torch').__version__}"
+    machine = (
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {__import__('torch').__version__}"
+    )
     print(f"\nOSEDiff path, full-size SD2.1-base random weights, LQ x4 ({machine})\n")
-    header = f"{'config':9} {'output':>6} {'dtype':>8} {'tile':>5} {'vae':>5} {'encode':>7} {'denoise':>8} {'decode':>7} {'total':>7} {'peak RSS':>9}"
+    header = (
+        f"{'config':9} {'output':>6} {'dtype':>8} {'tile':>5} {'vae':>5} {'encode':>7} {'denoise':>8} "
+        f"{'decode':>7} {'total':>7} {'peak RSS':>9}"
+    )
     print(header)
     print("-" * len(header))
     for r in rows:
         if "error" in r:
             print(f"{r['config']:9} {r['output']:>6}  failed: {r['error']}")
             continue
-        print(f"{r['config']:9} {r['output']:>6} {r['dtype']:>8} {str(r['denoiser_tile']):>5} {str(r['vae_tile']):>5} "
-              f"{r['encode_s']:>6.1f}s {r['denoise_s']:>7.1f}s {r['decode_s']:>6.1f}s {r['total_s']:>6.1f}s {r['peak_rss_gib']:>7.2f}G")
+        print(
+            f"{r['config']:9} {r['output']:>6} {r['dtype']:>8} {r['denoiser_tile']!s:>5} {r['vae_tile']!s:>5} "
+            f"{r['encode_s']:>6.1f}s {r['denoise_s']:>7.1f}s {r['decode_s']:>6.1f}s {r['total_s']:>6.1f}s "
+            f"{r['peak_rss_gib']:>7.2f}G"
+        )
     by = {(r["config"], r["output"]): r for r in rows if "error" not in r}
     for side in sizes:
         if ("baseline", side) in by and ("default", side) in by:
             print(f"speed-up at {side}: {by[('baseline', side)]['total_s'] / by[('default', side)]['total_s']:.2f}x")
     if ("default", 1024) in by and ("default", 2048) in by:
-        print(f"peak RSS 2048 / 1024 (default): {by[('default', 2048)]['peak_rss_gib'] / by[('default', 1024)]['peak_rss_gib']:.2f}x")
+        growth = by[("default", 2048)]["peak_rss_gib"] / by[("default", 1024)]["peak_rss_gib"]
+        print(f"peak RSS 2048 / 1024 (default): {growth:.2f}x")
     for q in quality:
         print(f"VAE tiled vs untiled at {q.get('output')} px, tile {q.get('vae_tile')}: " + json.dumps(q))
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "benchmark_tiling.json").write_text(json.dumps({"machine": machine, "rows": rows, "vae_quality": quality}, indent=1))
+    (args.out / "benchmark_tiling.json").write_text(
+        json.dumps({"machine": machine, "rows": rows, "vae_quality": quality}, indent=1)
+    )
     return 0
 
 
