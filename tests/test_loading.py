@@ -98,9 +98,14 @@ def test_weights_for_another_base_are_a_clear_error(tmp_path):
         load_pipeline(other_base, WEIGHTS)
     # and the matching pair loads and runs
     weights = make_osediff_checkpoint(other_base, tmp_path / "osediff.pkl")
-    pipe = load_pipeline(other_base, weights, fuse_lora=True)
-    pipe.set_progress_bar_config(disable=True)
-    assert pipe(torch.rand(3, 8, 12), upscale=2, output_type="pt").images.shape == (1, 3, 16, 24)
+    image = torch.rand(3, 8, 12, generator=torch.Generator().manual_seed(0))
+    outputs = []
+    for fuse in (True, False):  # fused in place vs peft layers: two independent implementations of the LoRA
+        pipe = load_pipeline(other_base, weights, fuse_lora=fuse)
+        pipe.set_progress_bar_config(disable=True)
+        outputs.append(pipe(image, upscale=2, output_type="pt").images)
+    assert outputs[0].shape == (1, 3, 16, 24)
+    torch.testing.assert_close(outputs[0], outputs[1], atol=5e-5, rtol=0)
 
 
 def test_single_file_that_is_not_sd2(tmp_path):

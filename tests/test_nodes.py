@@ -288,7 +288,9 @@ def test_tsdsr_through_the_nodes(nodes):
         latent_sampling="mode",
     )
     (out,) = nodes["OneStepSRUpscale"].run(**kwargs)
+    expected = sr.pipe(kwargs["image"][0].movedim(-1, 0), upscale=2, output_type="pt").images[0].movedim(0, -1)
     assert out.shape == (1, 16, 16, 3)
+    torch.testing.assert_close(out[0], expected, atol=1e-6, rtol=0)
     with pytest.raises(ValueError, match="no text encoder"):
         nodes["OneStepSRUpscale"].run(prompt=PromptSpec("text", "a cat"), **kwargs)
     with pytest.raises(ValueError, match="use the prompt mode 'model default'"):
@@ -386,3 +388,30 @@ def test_api_workflows_run_end_to_end(comfy, name):
             vae_tile_size=upscale["vae_tile_size"] or "auto",
         ).images[0]
         torch.testing.assert_close(images[0], expected.permute(1, 2, 0), atol=1e-6, rtol=0)
+
+
+def test_prompt_mode_none_is_the_empty_prompt_not_the_models_default(nodes, osediff_node_pipe):
+    """A pipeline with both a text encoder and a learned prompt embedding (D3SR style): "model default" uses the
+    embedding, "none" the empty prompt through the text encoder."""
+    from onestep_sr import Conditioning, OneStepSRPipeline, PromptEmbedding
+    from onestep_sr.nodes.values import LoadedSR, PromptSpec
+
+    base = osediff_node_pipe.pipe
+    learned = torch.randn(1, 77, 32, generator=torch.Generator().manual_seed(4))
+    pipe = OneStepSRPipeline(**base.components | {"prompt_embedding": PromptEmbedding.from_tensors(learned)})
+    pipe.set_progress_bar_config(disable=True)
+    sr = LoadedSR(pipe, torch.device("cpu"), torch.device("cpu"))
+    image = image_batch(1, 8, 8)
+    kwargs = dict(sr_model=sr, image=image, upscale=1, color_fix="none", tile_size=0, tile_overlap=-1,
+                  vae_tile_size=0, seed=0, latent_sampling="mode")  # fmt: skip
+    (default,) = nodes["OneStepSRUpscale"].run(prompt=PromptSpec("model default"), **kwargs)
+    (empty,) = nodes["OneStepSRUpscale"].run(prompt=PromptSpec("none"), **kwargs)
+    chw = image[0].movedim(-1, 0)
+    with_learned = pipe(chw, upscale=1, color_fix="none", prompt_embeds=learned, output_type="pt").images[0]
+    ids = pipe.tokenizer("", padding="max_length", max_length=77, return_tensors="pt").input_ids
+    empty_text = pipe.text_encoder(ids)[0]
+    with_empty_text = pipe(chw, upscale=1, color_fix="none", prompt_embeds=empty_text, output_type="pt").images[0]
+    torch.testing.assert_close(default[0], with_learned.movedim(0, -1), atol=1e-6, rtol=0)
+    torch.testing.assert_close(empty[0], with_empty_text.movedim(0, -1), atol=1e-6, rtol=0)
+    assert (default - empty).abs().max() > 1e-3
+    assert isinstance(pipe.text_conditioning(""), Conditioning)

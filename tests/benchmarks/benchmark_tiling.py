@@ -61,8 +61,8 @@ def build_pipeline(dtype, baseline: bool):
 def run_config(config: str, out_side: int) -> dict:
     import torch
 
-    from onestep_sr.pipelines.images import LQImage, pad_to_multiple, upsample_pil_bicubic
     from onestep_sr import Conditioning
+    from onestep_sr.pipelines.images import LQImage, pad_to_multiple, upsample_pil_bicubic
     from onestep_sr.pipelines.loading import resolve_dtype
 
     torch.set_num_threads(os.cpu_count() or 1)
