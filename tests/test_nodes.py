@@ -49,6 +49,16 @@ def osediff_node_pipe(nodes):
     return sr
 
 
+# the Upscale node's widgets as a new node has them (0 / -1 = auto)
+UPSCALE_DEFAULTS = dict(
+    upscale=4, color_fix="auto", tile_size=0, tile_overlap=-1, vae_tile_size=0, seed=0, latent_sampling="mode"
+)
+
+
+def upscale_inputs(**kw) -> dict:
+    return UPSCALE_DEFAULTS | kw
+
+
 def image_batch(n=1, h=12, w=10, c=3, seed=0):
     return torch.rand(n, h, w, c, generator=torch.Generator().manual_seed(seed))
 
@@ -116,15 +126,7 @@ def test_upscale_node_gives_the_library_result(nodes, osediff_node_pipe):
 
     image = image_batch(2, 12, 10)
     (out,) = nodes["OneStepSRUpscale"].run(
-        sr_model=osediff_node_pipe,
-        image=image,
-        upscale=2,
-        color_fix="auto",
-        tile_size=0,
-        tile_overlap=-1,
-        vae_tile_size=0,
-        seed=3,
-        latent_sampling="sample",
+        **upscale_inputs(sr_model=osediff_node_pipe, image=image, upscale=2, seed=3, latent_sampling="sample")
     )
     assert out.shape == (2, 24, 20, 3)
     pipe = load_pipeline(OSEDIFF_PARITY / "tiny-sd21", OSEDIFF_PARITY / "osediff_tiny.pkl")
@@ -143,16 +145,7 @@ def test_upscale_node_gives_the_library_result(nodes, osediff_node_pipe):
 def test_progress_and_cancel(comfy, nodes, osediff_node_pipe):
     state = comfy["state"]
     state.progress.clear()
-    kwargs = dict(
-        sr_model=osediff_node_pipe,
-        upscale=2,
-        color_fix="none",
-        tile_size=16,
-        tile_overlap=8,
-        vae_tile_size=0,
-        seed=0,
-        latent_sampling="mode",
-    )
+    kwargs = upscale_inputs(sr_model=osediff_node_pipe, upscale=2, color_fix="none", tile_size=16, tile_overlap=8)
     nodes["OneStepSRUpscale"].run(image=image_batch(2, 24, 24), **kwargs)
     values = [v for v, _ in state.progress]
     assert values == sorted(values) and state.progress[-1][0] == state.progress[-1][1]
@@ -172,16 +165,7 @@ def test_progress_and_cancel(comfy, nodes, osediff_node_pipe):
 
 
 def test_rgba_grayscale_and_tiny_images(nodes, osediff_node_pipe):
-    kwargs = dict(
-        sr_model=osediff_node_pipe,
-        upscale=4,
-        color_fix="auto",
-        tile_size=0,
-        tile_overlap=-1,
-        vae_tile_size=0,
-        seed=0,
-        latent_sampling="mode",
-    )
+    kwargs = upscale_inputs(sr_model=osediff_node_pipe)
     rgba = image_batch(1, 8, 6, 4)
     rgba[..., 3] = 0.25
     (out,) = nodes["OneStepSRUpscale"].run(image=rgba, **kwargs)
@@ -207,17 +191,7 @@ def test_rgba_grayscale_and_tiny_images(nodes, osediff_node_pipe):
 )
 def test_bad_images_are_clear_node_errors(nodes, osediff_node_pipe, bad, message):
     with pytest.raises(ValueError, match=message):
-        nodes["OneStepSRUpscale"].run(
-            sr_model=osediff_node_pipe,
-            image=bad,
-            upscale=4,
-            color_fix="auto",
-            tile_size=0,
-            tile_overlap=-1,
-            vae_tile_size=0,
-            seed=0,
-            latent_sampling="mode",
-        )
+        nodes["OneStepSRUpscale"].run(**upscale_inputs(sr_model=osediff_node_pipe, image=bad))
 
 
 def test_missing_or_incompatible_weights_are_clear_errors(comfy, nodes):
@@ -247,17 +221,7 @@ def test_prompt_node(nodes, osediff_node_pipe):
         PromptSpec("text", "from a captioner"),
     )
     image = image_batch(1, 8, 8)
-    kwargs = dict(
-        sr_model=osediff_node_pipe,
-        image=image,
-        upscale=1,
-        color_fix="none",
-        tile_size=0,
-        tile_overlap=-1,
-        vae_tile_size=0,
-        seed=0,
-        latent_sampling="mode",
-    )
+    kwargs = upscale_inputs(sr_model=osediff_node_pipe, image=image, upscale=1, color_fix="none")
     (with_text,) = nodes["OneStepSRUpscale"].run(prompt=PromptSpec("text", "a photo of a cat, "), **kwargs)
     expected = (
         osediff_node_pipe.pipe(
@@ -276,17 +240,7 @@ def test_tsdsr_through_the_nodes(nodes):
         base="stable-diffusion-3-medium-diffusers", weights="tsdsr", dtype="fp32", device="cpu", fuse_lora=True
     )
     assert sr.method == "TSD-SR"
-    kwargs = dict(
-        sr_model=sr,
-        image=image_batch(1, 8, 8),
-        upscale=2,
-        color_fix="auto",
-        tile_size=0,
-        tile_overlap=-1,
-        vae_tile_size=0,
-        seed=0,
-        latent_sampling="mode",
-    )
+    kwargs = upscale_inputs(sr_model=sr, image=image_batch(1, 8, 8), upscale=2)
     (out,) = nodes["OneStepSRUpscale"].run(**kwargs)
     expected = sr.pipe(kwargs["image"][0].movedim(-1, 0), upscale=2, output_type="pt").images[0].movedim(0, -1)
     assert out.shape == (1, 16, 16, 3)
@@ -402,8 +356,7 @@ def test_prompt_mode_none_is_the_empty_prompt_not_the_models_default(nodes, osed
     pipe.set_progress_bar_config(disable=True)
     sr = LoadedSR(pipe, torch.device("cpu"), torch.device("cpu"))
     image = image_batch(1, 8, 8)
-    kwargs = dict(sr_model=sr, image=image, upscale=1, color_fix="none", tile_size=0, tile_overlap=-1,
-                  vae_tile_size=0, seed=0, latent_sampling="mode")  # fmt: skip
+    kwargs = upscale_inputs(sr_model=sr, image=image, upscale=1, color_fix="none")
     (default,) = nodes["OneStepSRUpscale"].run(prompt=PromptSpec("model default"), **kwargs)
     (empty,) = nodes["OneStepSRUpscale"].run(prompt=PromptSpec("none"), **kwargs)
     chw = image[0].movedim(-1, 0)

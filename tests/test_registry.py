@@ -133,51 +133,14 @@ def test_the_cli_uses_it(fake_method, fake_weights, tmp_path, monkeypatch, capsy
     path = tmp_path / "in.png"
     Image.fromarray((image.numpy() * 255).round().astype("uint8")).save(path)
     out = tmp_path / "out"
-    assert (
-        cli.main(
-            [
-                "upscale",
-                str(path),
-                "-o",
-                str(out),
-                "--base",
-                str(BASE),
-                "--weights",
-                str(fake_weights),
-                "--upscale",
-                "2",
-                "--dtype",
-                "fp32",
-                "--device",
-                "cpu",
-            ]
-        )
-        == 0
-    )
+    common = ["-o", str(out), "--base", str(BASE), "--weights", str(fake_weights), "--upscale", "2"]
+    assert cli.main(["upscale", str(path), *common, "--dtype", "fp32", "--device", "cpu"]) == 0
     written = Image.open(out / "in.png")
     assert written.size == (20, 24)
     expected = reference(Image.open(path), fake_weights)[0]
     ours = torch.from_numpy(np.asarray(written, dtype="float32") / 255).permute(2, 0, 1)
     assert (ours - expected).abs().max() <= 0.5 / 255 + 1e-6  # 8-bit rounding of the same image
-    assert (
-        cli.main(
-            [
-                "upscale",
-                str(path),
-                "-o",
-                str(out),
-                "--method",
-                "fake-sr",
-                "--base",
-                str(BASE),
-                "--weights",
-                str(fake_weights),
-                "--upscale",
-                "2",
-            ]
-        )
-        == 0
-    )
+    assert cli.main(["upscale", str(path), *common, "--method", "fake-sr"]) == 0
     # the missing-weights message lists the registered method's files and where they come from
     monkeypatch.setattr(cli, "DEFAULT_MODELS_DIR", tmp_path / "no-models")
     assert cli.main(["upscale", str(path), "-o", str(out)]) == 2

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from diffusers import DiffusionPipeline
 
 from ..options import DEVICE_NAMES, DTYPE_NAMES, DTYPES
 from .bases import quiet_diffusers
@@ -49,7 +50,7 @@ def cpu_has_fast_bf16() -> bool:
     return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
 
 
-def prepare_for_inference(pipe, device: torch.device, dtype: torch.dtype):
+def prepare_for_inference(pipe: DiffusionPipeline, device: torch.device, dtype: torch.dtype) -> DiffusionPipeline:
     """Eval mode, device, dtype, and channels-last convolution weights."""
     for module in pipe.components.values():
         if isinstance(module, torch.nn.Module):

@@ -9,12 +9,15 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ..loading.devices import prepare_for_inference, resolve_device, resolve_dtype
 from ..loading.files import CheckpointError
+
+if TYPE_CHECKING:
+    from ..pipeline_base import OneStepSRBase
 
 # The built-in methods, in the order they are tried and listed.
 from . import osediff, tsdsr  # noqa: F401  (registers them)
@@ -63,7 +66,7 @@ def load_pipeline(
     base_config: str | os.PathLike | None = None,
     method: str | None = None,
     **method_options: Any,
-):
+) -> OneStepSRBase:
     """A ready pipeline from a base model and official SR weights; the method is detected from the files.
 
     Args:
@@ -112,7 +115,7 @@ def convert_to_diffusers(
     return out_dir
 
 
-def load_converted(folder: str | os.PathLike, dtype: Any = None, device: Any = None):
+def load_converted(folder: str | os.PathLike, dtype: Any = None, device: Any = None) -> OneStepSRBase:
     """A folder written by `convert_to_diffusers`, loaded with the pipeline class its model_index.json names."""
     folder = Path(folder)
     index = folder / "model_index.json"
