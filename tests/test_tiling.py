@@ -149,15 +149,15 @@ def test_full_pipeline_tiled_vs_untiled_on_tiny_model(osediff_pipe_fused, record
     assert tiled.shape == untiled.shape and value > 20
 
 
-@pytest.mark.parametrize("size", [(1, 64), (4096, 2)])
+@pytest.mark.parametrize("size", [(1, 64), (300, 2), (4096, 2)])
 def test_extreme_strips_work(osediff_pipe_fused, size):
     w, h = size
     image = torch.rand(3, h, w, generator=torch.Generator().manual_seed(4))
     out = osediff_pipe_fused(image, upscale=4, output_type="pt").images
     assert out.shape == (1, 3, 4 * h, 4 * w)
-    # the streamed VAE (auto: 512 px tiles) is exact on strips too: the same run with the plain VAE
-    plain = osediff_pipe_fused(image, upscale=4, vae_tile_size=None, output_type="pt").images
-    torch.testing.assert_close(out, plain, atol=1e-4, rtol=0)
+    if w * 4 <= 2048:  # the streamed VAE (auto: 512 px tiles) is exact on strips too: the plain VAE's result
+        plain = osediff_pipe_fused(image, upscale=4, vae_tile_size=None, output_type="pt").images
+        torch.testing.assert_close(out, plain, atol=1e-4, rtol=0)
 
 
 def test_progress_callback_counts_tiles_and_can_cancel(osediff_pipe_fused):

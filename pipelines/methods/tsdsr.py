@@ -63,7 +63,7 @@ def lora_files(probe: WeightsProbe) -> tuple[Path, Path]:
         if missing:
             raise CheckpointError(
                 f"{path}: a weights folder must hold the TSD-SR LoRA files {(TRANSFORMER_FILE, VAE_FILE)}; "
-                f"missing {missing}. For OSEDiff pass the osediff.pkl file itself."
+                f"missing {missing}. (Methods whose weights are one file take that file itself.)"
             )
         return path / TRANSFORMER_FILE, path / VAE_FILE
     if is_vae_lora(probe.keys()):
