@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from ..pipelines.loading import resolve_dtype
+from ..pipelines.loading import resolve_device, resolve_dtype
 from ..pipelines.methods import load_pipeline
 from ..pipelines.options import DTYPES
 from ..pipelines.tiling.tile_layout import TileLayout, split_tiles, stitch_tiles
@@ -68,7 +68,7 @@ class PromptSpec:
 def load_sr_model(base: str, weights: str, dtype: str, device: str, fuse_lora: bool) -> LoadedSR:
     if dtype != "auto" and dtype not in DTYPES:
         raise ValueError(f"dtype must be one of auto, {', '.join(DTYPES)}; got {dtype!r}")
-    target = comfy_env.torch_device() if device == "auto" else torch.device(device)
+    target = comfy_env.torch_device() if device == "auto" else resolve_device(device)
     rest = comfy_env.offload_device() if device == "auto" else target
     chosen = resolve_dtype("auto" if dtype == "auto" else DTYPES[dtype], target)
     pipe = load_pipeline(
