@@ -20,7 +20,8 @@ from .methods import (
     register,
     registered_methods,
 )
-from .models import PromptEmbedding
+from .methods.dape import convert_tagger, load_tagger
+from .models import PromptEmbedding, RAMTagger
 from .pipeline_base import Conditioning, OneStepSRBase
 from .pipeline_onestep_sr import OneStepSRPipeline
 from .pipeline_onestep_sr_sd3 import OneStepSRSD3Pipeline
@@ -34,13 +35,16 @@ __all__ = [
     "OneStepSRPipeline",
     "OneStepSRSD3Pipeline",
     "PromptEmbedding",
+    "RAMTagger",
     "adain_color_fix",
     "apply_color_fix",
+    "convert_tagger",
     "convert_to_diffusers",
     "detect_method",
     "get_method",
     "load_converted",
     "load_pipeline",
+    "load_tagger",
     "prepare_for_inference",
     "read_weights",
     "register",

@@ -65,6 +65,7 @@ def png_to_tensor(img: Image.Image) -> torch.Tensor:
 
 
 TSDSR_PARITY = DATA / "parity" / "tsdsr"
+DAPE_PARITY = DATA / "parity" / "dape"
 
 
 class TSDSRCase:

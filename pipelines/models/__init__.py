@@ -1,5 +1,6 @@
 """Model classes of our own (diffusers-style: ModelMixin + ConfigMixin), for parts diffusers does not have."""
 
 from .prompt_embedding import PromptEmbedding
+from .ram_tagger import RAMTagger
 
-__all__ = ["PromptEmbedding"]
+__all__ = ["PromptEmbedding", "RAMTagger"]
