@@ -33,12 +33,21 @@ from .tiling.plan import (
 )
 
 
+@dataclass
+class OneStepSROutput(ImagePipelineOutput):
+    """`images` as diffusers' ImagePipelineOutput, plus the prompt each image was conditioned on (None where
+    precomputed embeddings or the fixed prompt embedding were used)."""
+
+    prompts: list[str | None] | None = None
+
+
 @dataclass(frozen=True)
 class Conditioning:
     """What the denoiser is conditioned on: a token sequence and, for SD3-style models, a pooled vector."""
 
     embeds: torch.Tensor
     pooled: torch.Tensor | None = None
+    from_text: bool = False  # encoded from a prompt by the text encoders (not given, not the fixed embedding)
 
 
 @dataclass(frozen=True)
@@ -55,6 +64,7 @@ class CallInputs:
     prompt_embeds: torch.Tensor | None
     pooled_prompt_embeds: torch.Tensor | None
     tiling: TilingOptions
+    use_tagger: bool
 
 
 class Progress:
@@ -90,7 +100,8 @@ class OneStepSRBase(DiffusionPipeline, abc.ABC):
         vae_tile_size: int | str | None = "auto",
         blend: str = "gaussian",
         progress_callback: Callable[[int, int], None] | None = None,
-    ) -> ImagePipelineOutput | tuple:
+        use_tagger: bool = True,
+    ) -> OneStepSROutput | tuple:
         r"""
         Args:
             image: PIL image, HWC numpy array, CHW/NCHW tensor in [0, 1], or a list (a batch; sizes may differ).
@@ -112,16 +123,18 @@ class OneStepSRBase(DiffusionPipeline, abc.ABC):
             blend: weighting of overlapping denoiser tiles, "gaussian" or "linear".
             progress_callback: called as f(done, total) after each unit of work (encode, each denoiser
                 tile, decode); raising from it cancels the run between tiles.
+            use_tagger: with a `tagger` component (OSEDiff's DAPE), each image's prompt is the official
+                f"{tags}, {prompt}," of the upsampled input; False uses `prompt` as given.
         """
         # 0. Check every argument before any work, and plan each image's tiling once.
         inputs = self.check_inputs(
             image, prompt, upscale, color_fix, latent_sampling, generator, output_type, prompt_embeds,
-            pooled_prompt_embeds, tile_size, tile_overlap, tile_batch_size, vae_tile_size, blend,
+            pooled_prompt_embeds, tile_size, tile_overlap, tile_batch_size, vae_tile_size, blend, use_tagger,
         )  # fmt: skip
         device = self._execution_device
         plans = [self._plan_image(inputs.tiling, lq, inputs.upscale) for lq in inputs.images]
 
-        results = []
+        results, used_prompts = [], []
         with self.progress_bar(total=sum(p.work_units for p in plans)) as bar:
             progress = Progress(bar, bar.total, progress_callback)
             for i, (lq, plan) in enumerate(zip(inputs.images, plans)):
@@ -131,10 +144,12 @@ class OneStepSRBase(DiffusionPipeline, abc.ABC):
                 padded, (height, width) = pad_to_multiple(lq_up.rgb * 2 - 1, self.pad_multiple)
                 latents = self.encode(padded.to(device), inputs.latent_sampling, inputs.generators[i], plan)
                 progress.advance()
-                # 3. One denoising step from the LQ latent itself, tile by tile.
-                cond = self.encode_prompt(
-                    inputs.prompts[i], inputs.prompt_embeds, inputs.pooled_prompt_embeds, i, device
-                )
+                # 3. One denoising step from the LQ latent itself, tile by tile, conditioned on the prompt
+                #    (the tags of the image the VAE encodes, once per image, when there is a tagger).
+                tag = inputs.use_tagger and inputs.prompt_embeds is None
+                prompt_i = self.image_prompt(lq_up, inputs.prompts[i], tag)
+                cond = self.encode_prompt(prompt_i, inputs.prompt_embeds, inputs.pooled_prompt_embeds, i, device)
+                used_prompts.append(prompt_i if cond.from_text else None)
                 clean = self.denoise(latents, cond, plan, on_tile=progress.advance)
                 # 4. Decode, crop the padding, colour-correct.
                 decoded = self.decode(clean, plan)[..., :height, :width]
@@ -149,7 +164,7 @@ class OneStepSRBase(DiffusionPipeline, abc.ABC):
         self.maybe_free_model_hooks()
         if not return_dict:
             return (output,)
-        return ImagePipelineOutput(images=output)
+        return OneStepSROutput(images=output, prompts=used_prompts)
 
     # ------------------------------------------------------------------ checks and plans
 
@@ -169,6 +184,7 @@ class OneStepSRBase(DiffusionPipeline, abc.ABC):
         tile_batch_size: Any,
         vae_tile_size: Any,
         blend: str,
+        use_tagger: bool = True,
     ) -> CallInputs:
         """Every argument checked in one place (clear errors before any work), normalised per image."""
         color_fix = self.defaults.color_fix if color_fix is None else color_fix
@@ -185,6 +201,9 @@ class OneStepSRBase(DiffusionPipeline, abc.ABC):
         if not all(isinstance(p, str) for p in prompts):
             raise ValueError(f"prompt must be a string or a list of strings, got {prompt!r}")
         self.check_conditioning(prompts, prompt_embeds, pooled_prompt_embeds)
+        tagging = bool(use_tagger) and self.tagger_component is not None and prompt_embeds is None
+        if tagging and not self.has_text_encoders:
+            raise ValueError("this pipeline has a tagger but no text encoder to encode its tags; pass use_tagger=False")
         return CallInputs(
             images=images,
             prompts=prompts,
@@ -196,6 +215,7 @@ class OneStepSRBase(DiffusionPipeline, abc.ABC):
             prompt_embeds=prompt_embeds,
             pooled_prompt_embeds=pooled_prompt_embeds,
             tiling=tiling,
+            use_tagger=bool(use_tagger),
         )
 
     def check_conditioning(
@@ -248,6 +268,19 @@ class OneStepSRBase(DiffusionPipeline, abc.ABC):
     def display_name(self) -> str:
         method = self.sr_method
         return method.display_name if method is not None else type(self).__name__
+
+    accepts_tagger = False  # pipelines with a `tagger` component (an image tagger writing the prompt) say True
+
+    @property
+    def tagger_component(self):
+        return getattr(self, "tagger", None) if self.accepts_tagger else None
+
+    def image_prompt(self, lq_up: LQImage, prompt: str, use_tagger: bool) -> str:
+        """The prompt for one image: with a tagger, the official f"{tags}, {prompt}," of the upsampled input."""
+        tagger = self.tagger_component
+        if tagger is None or not use_tagger:
+            return prompt
+        return tagger.prompt(lq_up.rgb, prompt)[0]
 
     @property
     def has_text_encoders(self) -> bool:

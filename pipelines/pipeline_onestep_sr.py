@@ -8,6 +8,7 @@ from diffusers.schedulers import SchedulerMixin
 
 from .images import LQImage, upsample_pil_bicubic
 from .models.prompt_embedding import PromptEmbedding
+from .models.ram_tagger import RAMTagger
 from .pipeline_base import Conditioning, OneStepSRBase
 
 
@@ -21,14 +22,16 @@ class OneStepSRPipeline(OneStepSRBase):
     Components:
         vae ([`AutoencoderKL`]), unet ([`UNet2DConditionModel`]), scheduler (any scheduler with
         `alphas_cumprod`; its `prediction_type` is honoured), text_encoder + tokenizer (optional,
-        for text prompts), prompt_embedding ([`PromptEmbedding`], optional, a fixed/learned prompt).
+        for text prompts), prompt_embedding ([`PromptEmbedding`], optional, a fixed/learned prompt),
+        tagger ([`RAMTagger`], optional: OSEDiff's DAPE; each image's prompt becomes f"{tags}, {prompt},").
     Config:
         timestep (int): the diffusion timestep the LQ latent is treated as (OSEDiff: 999).
         method (str): the registered method that built it (its defaults: colour fix, tiling).
     """
 
     model_cpu_offload_seq = "text_encoder->unet->vae"
-    _optional_components = ["text_encoder", "tokenizer", "prompt_embedding"]
+    _optional_components = ["text_encoder", "tokenizer", "prompt_embedding", "tagger"]
+    accepts_tagger = True
 
     def __init__(
         self,
@@ -38,6 +41,7 @@ class OneStepSRPipeline(OneStepSRBase):
         text_encoder: torch.nn.Module | None = None,
         tokenizer=None,
         prompt_embedding: PromptEmbedding | None = None,
+        tagger: RAMTagger | None = None,
         timestep: int = 999,
         method: str | None = None,
     ):
@@ -49,6 +53,7 @@ class OneStepSRPipeline(OneStepSRBase):
             text_encoder=text_encoder,
             tokenizer=tokenizer,
             prompt_embedding=prompt_embedding,
+            tagger=tagger,
         )
         self.register_to_config(timestep=int(timestep), method=method)
 
@@ -78,7 +83,7 @@ class OneStepSRPipeline(OneStepSRBase):
             truncation=True,
             return_tensors="pt",
         ).input_ids
-        return Conditioning(self.text_encoder(ids.to(self.text_encoder.device))[0].to(device, dtype))
+        return Conditioning(self.text_encoder(ids.to(self.text_encoder.device))[0].to(device, dtype), from_text=True)
 
     def model_output(self, latents: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         context = cond.embeds.expand(latents.shape[0], -1, -1)

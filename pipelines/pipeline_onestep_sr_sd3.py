@@ -132,7 +132,7 @@ class OneStepSRSD3Pipeline(OneStepSRBase):
         t5 = (self.text_encoder_3, self.tokenizer_3) if self.text_encoder_3 is not None else None
         clips = [(self.text_encoder, self.tokenizer), (self.text_encoder_2, self.tokenizer_2)]
         joint_dim = self.transformer.config.joint_attention_dim
-        return Conditioning(*encode_sd3_prompt(prompt, clips, t5, joint_dim, device, dtype))
+        return Conditioning(*encode_sd3_prompt(prompt, clips, t5, joint_dim, device, dtype), from_text=True)
 
     def model_output(self, latents: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         embeds, pooled = cond.embeds, cond.pooled

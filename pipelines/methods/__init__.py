@@ -53,6 +53,7 @@ __all__ = [
     "method_of",
     "register",
     "registered_methods",
+    "resolve_tagger",
     "unregister",
 ]
 
@@ -65,6 +66,7 @@ def load_pipeline(
     fuse_lora: bool = True,
     base_config: str | os.PathLike | None = None,
     method: str | None = None,
+    tagger: Any = None,
     **method_options: Any,
 ) -> OneStepSRBase:
     """A ready pipeline from a base model and official SR weights; the method is detected from the files.
@@ -79,6 +81,9 @@ def load_pipeline(
             False keeps peft LoRA layers (inspectable, can be disabled or unfused).
         base_config: configs for a single-file base (default: the configs bundled for the method's base).
         method: a registered method id, to skip detection.
+        tagger: an image tagger that writes each image's prompt (OSEDiff's DAPE): a loaded `RAMTagger`, a converted
+            tagger folder, the RAM base file alone, or the pair (RAM base, DAPE LoRA) of official files. Only
+            pipelines that take a tagger accept one.
         **method_options: files only some methods take, e.g. TSD-SR's `embeddings=` (a folder with
             prompt_embeds.pt + pool_embeds.pt, or one safetensors file with both).
     """
@@ -93,7 +98,27 @@ def load_pipeline(
         )
     options = BuildOptions(dtype=dtype, fuse_lora=fuse_lora, base_config=base_config, extra=method_options)
     pipe = found.build(base, probe, options)
+    if tagger is not None:
+        if not pipe.accepts_tagger:
+            raise ValueError(f"{found.display_name} takes no tagger (its prompts do not come from image tags)")
+        pipe.register_modules(tagger=resolve_tagger(tagger))
     return prepare_for_inference(pipe, device, dtype)
+
+
+def resolve_tagger(tagger: Any):
+    """A `RAMTagger` from what load_pipeline accepts (see its `tagger` argument)."""
+    from ..models.ram_tagger import RAMTagger
+    from .dape import load_tagger
+
+    if isinstance(tagger, RAMTagger):
+        return tagger
+    if isinstance(tagger, (tuple, list)):
+        if len(tagger) != 2:
+            raise ValueError(f"tagger=(base, lora) takes two paths, got {len(tagger)}")
+        return load_tagger(*tagger)
+    if isinstance(tagger, (str, os.PathLike)):
+        return load_tagger(tagger)
+    raise ValueError(f"tagger must be a RAMTagger, a path or a (base, lora) pair, got {type(tagger).__name__}")
 
 
 def convert_to_diffusers(
