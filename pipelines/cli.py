@@ -29,7 +29,12 @@ def build_parser() -> argparse.ArgumentParser:
         choices=COLOR_FIX_METHODS,
         help="colour correction (default: the method's own; see the README's methods table)",
     )
-    up.add_argument("--prompt", default="", help="text prompt for the denoiser (default: empty)")
+    up.add_argument(
+        "--prompt",
+        default="",
+        help="text prompt for the denoiser (default: empty); with a tagger it follows the tags: 'TAGS, PROMPT,'",
+    )
+    up.add_argument("--save-prompts", action="store_true", help="write each image's prompt to OUTPUT/<name>.txt")
     up.add_argument(
         "--latent-sampling",
         default="mode",
@@ -50,6 +55,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="run on a tiny randomly initialised model (no weights needed; output is NOT a real upscale)",
     )
+
+    tag = sub.add_parser("convert-tagger", help="merge the DAPE LoRA into RAM and write a converted tagger folder")
+    tag.add_argument("--tagger", type=Path, required=True, help="RAM base (ram_swin_large_14m.pth)")
+    tag.add_argument("--tagger-lora", type=Path, default=None, help="DAPE LoRA (DAPE.pth)")
+    tag.add_argument("--out", type=Path, required=True, help="folder to write (load it with onestep_sr.load_tagger)")
+    tag.add_argument("--dtype", default="fp16", choices=("fp16", "fp32"), help="stored precision (default fp16)")
 
     conv = sub.add_parser("convert", help="convert official weights + base into a self-contained diffusers folder")
     _add_model_args(conv)
@@ -82,6 +93,22 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--method", default=None, choices=[m.id for m in methods], help="skip detection and use this method"
     )
+    from .methods.dape import DAPE_FILE, RAM_FILE
+
+    parser.add_argument(
+        "--tagger",
+        type=Path,
+        default=None,
+        help=f"image tagger for the prompt (OSEDiff's DAPE): the RAM base {RAM_FILE.name} or a converted tagger "
+        f"folder (default: $ONESTEP_SR_MODELS/{RAM_FILE.name} when it is there and the method takes a tagger)",
+    )
+    parser.add_argument(
+        "--tagger-lora",
+        type=Path,
+        default=None,
+        help=f"the DAPE LoRA merged into the RAM base (default: $ONESTEP_SR_MODELS/{DAPE_FILE.name} if present)",
+    )
+    parser.add_argument("--no-tagger", action="store_true", help="do not use a tagger even if one is found")
     options = sorted({o for m in methods for o in m.extra_options})
     for option in options:
         users = ", ".join(m.display_name for m in methods if option in m.extra_options)
@@ -131,6 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "convert":
         return _convert(args)
+    if args.command == "convert-tagger":
+        return _convert_tagger(args)
     return _upscale(args)
 
 
@@ -162,6 +191,36 @@ def _method_options(args) -> dict:
     return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
 
 
+def _tagger_for(args, method) -> tuple | None:
+    """(RAM base, DAPE LoRA or None) from --tagger/--tagger-lora, else found in the models folder by their
+    official names when the method's pipeline takes a tagger; None without one."""
+    from .methods.dape import find_tagger_files
+
+    if args.no_tagger or not method.pipeline_class.accepts_tagger:
+        if args.tagger and not args.no_tagger:
+            raise ValueError(f"{method.display_name} takes no tagger (--tagger was given)")
+        return None
+    if args.tagger:
+        return args.tagger, args.tagger_lora
+    found = find_tagger_files(DEFAULT_MODELS_DIR)
+    if found is not None:
+        print(f"tagger: {found[0]}" + (f" + {found[1]}" if found[1] else " (no DAPE LoRA found)"), file=sys.stderr)
+    return found
+
+
+def _convert_tagger(args) -> int:
+    from .loading import CheckpointError
+    from .methods.dape import convert_tagger
+
+    try:
+        out = convert_tagger(args.tagger, args.tagger_lora, args.out, dtype=args.dtype)
+    except (CheckpointError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote the tagger to {out} (load it with onestep_sr.load_tagger({str(out)!r}), or pass --tagger {out})")
+    return 0
+
+
 def _convert(args) -> int:
     from .loading import CheckpointError
     from .methods import convert_to_diffusers, detect_method
@@ -172,7 +231,8 @@ def _convert(args) -> int:
         return 2
     try:
         method, _ = detect_method(weights, args.method)
-        out = convert_to_diffusers(base, weights, args.out, method=method.id, **_method_options(args))
+        tagger = _tagger_for(args, method)
+        out = convert_to_diffusers(base, weights, args.out, method=method.id, tagger=tagger, **_method_options(args))
     except (CheckpointError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -190,7 +250,7 @@ def _upscale(args) -> int:
 
     from .images import ImageInputError
     from .loading import CheckpointError
-    from .methods import load_pipeline
+    from .methods import detect_method, load_pipeline
 
     demo_dir = None
     if args.demo:
@@ -219,13 +279,16 @@ def _upscale(args) -> int:
         print("error: no input images given (files or folders with .png/.jpg/...)", file=sys.stderr)
         return 2
     try:
+        method, _ = detect_method(weights, args.method)
+        tagger = None if args.demo else _tagger_for(args, method)
         pipe = load_pipeline(
             base,
             weights,
             dtype=args.dtype,
             device=args.device,
             fuse_lora=not args.no_fuse_lora,
-            method=args.method,
+            method=method.id,
+            tagger=tagger,
             **_method_options(args),
         )
     except (CheckpointError, ValueError) as err:
@@ -241,19 +304,21 @@ def _upscale(args) -> int:
                 with Image.open(path) as img:
                     img.load()
                     generator = torch.Generator().manual_seed(args.seed)
-                    result = pipe(
+                    output = pipe(
                         img,
                         prompt=args.prompt,
                         upscale=args.upscale,
                         color_fix=args.color_fix,
                         latent_sampling=args.latent_sampling,
                         generator=generator,
-                    ).images[0]
+                    )
             except (ImageInputError, OSError, ValueError) as err:
                 failures += 1
                 tqdm.write(f"skipped {path}: {err}", file=sys.stderr)
                 continue
-            result.save(args.output / f"{path.stem}.png")
+            output.images[0].save(args.output / f"{path.stem}.png")
+            if args.save_prompts:
+                (args.output / f"{path.stem}.txt").write_text((output.prompts[0] or "") + "\n", encoding="utf-8")
             done += 1
     except KeyboardInterrupt:
         print(f"\ninterrupted: {done} of {len(inputs)} images written to {args.output}", file=sys.stderr)

@@ -93,3 +93,36 @@ def test_tagger_arguments(tmp_path, image):
         load_pipeline(tsdsr / "tiny-sd3", tsdsr / "lora", embeddings=tsdsr / "embeddings", tagger=(RAM, DAPE))
     with pytest.raises(ValueError, match="tagger must be"):
         load_pipeline(BASE, WEIGHTS, tagger=42)
+
+
+def test_cli_tags_finds_the_official_files_and_saves_prompts(tmp_path, monkeypatch, pipe, image):
+    import shutil
+
+    from onestep_sr.pipelines import cli
+
+    image.save(tmp_path / "in.png")
+    common = ["upscale", str(tmp_path / "in.png"), "--base", str(BASE), "--weights", str(WEIGHTS), "--upscale", "2",
+              "--dtype", "fp32", "--save-prompts"]  # fmt: skip
+    expected = pipe(image, prompt="a photo", upscale=2).prompts[0]
+    out = tmp_path / "explicit"
+    args = [*common, "-o", str(out), "--tagger", str(RAM), "--tagger-lora", str(DAPE), "--prompt", "a photo"]
+    assert cli.main(args) == 0
+    assert (out / "in.txt").read_text() == expected + "\n"
+    # found by their official names in the models folder
+    models = tmp_path / "models"
+    models.mkdir()
+    shutil.copy(RAM, models / "ram_swin_large_14m.pth")
+    shutil.copy(DAPE, models / "DAPE.pth")
+    monkeypatch.setattr(cli, "DEFAULT_MODELS_DIR", models)
+    assert cli.main([*common, "-o", str(tmp_path / "found"), "--prompt", "a photo"]) == 0
+    assert (tmp_path / "found" / "in.txt").read_text() == expected + "\n"
+    assert cli.main([*common, "-o", str(tmp_path / "off"), "--prompt", "a photo", "--no-tagger"]) == 0
+    assert (tmp_path / "off" / "in.txt").read_text() == "a photo\n"
+    # convert-tagger writes a folder that --tagger takes
+    assert cli.main(["convert-tagger", "--tagger", str(RAM), "--tagger-lora", str(DAPE), "--out",
+                     str(tmp_path / "tagger"), "--dtype", "fp32"]) == 0  # fmt: skip
+    assert (
+        cli.main([*common, "-o", str(tmp_path / "conv"), "--prompt", "a photo", "--tagger", str(tmp_path / "tagger")])
+        == 0
+    )
+    assert (tmp_path / "conv" / "in.txt").read_text() == expected + "\n"

@@ -135,6 +135,7 @@ def convert_to_diffusers(
     reload as random weights, and a separate LoRA file without metadata reloads at the wrong scale.
     """
     pipe = load_pipeline(base, weights, fuse_lora=True, base_config=base_config, **method_options)
+    # the tagger (if any) is saved as its own component of the pipeline folder
     out_dir = Path(out_dir)
     pipe.save_pretrained(out_dir, safe_serialization=True)
     return out_dir
