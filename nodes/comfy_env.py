@@ -19,6 +19,7 @@ from ..pipelines.methods import component_files, folder_markers, registered_meth
 from ..pipelines.options import WEIGHT_SUFFIXES
 
 MODEL_FOLDER = "onestep_sr"
+TAGGER_FOLDER = "RAM"  # where RAM weights usually live in ComfyUI installs
 
 
 def _folder_paths():
@@ -28,17 +29,16 @@ def _folder_paths():
 
 
 def register_model_folder() -> None:
-    """Add models/onestep_sr, merging with whatever extra_model_paths.yaml declared (never overwriting)."""
+    """Add models/onestep_sr (and RAM's usual models/RAM), merging with whatever extra_model_paths.yaml declared
+    (never overwriting)."""
     fp = _folder_paths()
-    default_dir = os.path.join(fp.models_dir, MODEL_FOLDER)
-    paths, exts = fp.folder_names_and_paths.get(MODEL_FOLDER, ([], set()))
-    paths = list(paths)
-    if default_dir not in paths:
-        paths.append(default_dir)
-    fp.folder_names_and_paths[MODEL_FOLDER] = (
-        paths,
-        set(exts) | set(fp.supported_pt_extensions) | set(WEIGHT_SUFFIXES),
-    )
+    for name in (MODEL_FOLDER, TAGGER_FOLDER):
+        default_dir = os.path.join(fp.models_dir, name)
+        paths, exts = fp.folder_names_and_paths.get(name, ([], set()))
+        paths = list(paths)
+        if default_dir not in paths:
+            paths.append(default_dir)
+        fp.folder_names_and_paths[name] = (paths, set(exts) | set(fp.supported_pt_extensions) | set(WEIGHT_SUFFIXES))
 
 
 def _folders(name: str) -> list[str]:
@@ -92,8 +92,10 @@ def list_sr_weights() -> list[str]:
 
     Files that are parts of such a folder (each method lists its own) are not offered on their own.
     """
+    from ..pipelines.methods.dape import TAGGER_FILES
+
     fp = _folder_paths()
-    parts = component_files()
+    parts = component_files() | {f.name for f in TAGGER_FILES}  # tagger files go to the Tagger Loader
     files = [
         f
         for f in fp.get_filename_list(MODEL_FOLDER)
@@ -111,6 +113,59 @@ def resolve_sr_weights(name: str) -> str:
         return path
     expected = "; ".join(f"{m.display_name}: {m.default_weights}" for m in registered_methods())
     raise FileNotFoundError(f"SR weights {name!r} not found in models/{MODEL_FOLDER}/: put them there ({expected})")
+
+
+def _tagger_folders() -> dict[str, str]:
+    """Converted tagger folders (config.json naming RAMTagger) under models/onestep_sr and models/RAM."""
+    found: dict[str, str] = {}
+    for name in (MODEL_FOLDER, TAGGER_FOLDER):
+        for rel, path in _subdirs_with(name, "config.json").items():
+            try:
+                with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+                    is_tagger = '"RAMTagger"' in f.read()
+            except OSError:
+                continue
+            if is_tagger:
+                found.setdefault(rel, path)
+    return found
+
+
+def list_tagger_files() -> list[str]:
+    """Tagger weights: files in models/RAM and models/onestep_sr (SR methods' own files left out), converted folders."""
+    fp = _folder_paths()
+    taken = {m.default_weights for m in registered_methods()} | component_files()
+    files: list[str] = []
+    for name in (TAGGER_FOLDER, MODEL_FOLDER):
+        with contextlib.suppress(KeyError):
+            for f in fp.get_filename_list(name):
+                if os.path.splitext(f)[1].lower() in WEIGHT_SUFFIXES and os.path.basename(f) not in taken:
+                    files.append(f)
+    folders = sorted(_tagger_folders())
+    inside_a_folder = {f for f in files for d in folders if f.startswith(d + "/")}
+    inside_sr_folders = {f for f in files for d in _weight_folders() if f.startswith(d + "/")}
+    return folders + sorted(set(files) - inside_a_folder - inside_sr_folders)
+
+
+def resolve_tagger_file(name: str) -> str:
+    folder = _tagger_folders().get(name)
+    if folder:
+        return folder
+    fp = _folder_paths()
+    for folder_name in (TAGGER_FOLDER, MODEL_FOLDER):
+        with contextlib.suppress(KeyError):
+            path = fp.get_full_path(folder_name, name)
+            if path:
+                return path
+    raise FileNotFoundError(
+        f"tagger file {name!r} not found in models/{TAGGER_FOLDER}/ or models/{MODEL_FOLDER}/: put "
+        "ram_swin_large_14m.pth and DAPE.pth there (or a folder from `onestep_sr convert-tagger`)"
+    )
+
+
+def check_interrupted() -> None:
+    import comfy.model_management as mm
+
+    mm.throw_exception_if_processing_interrupted()
 
 
 def preferred_pair(bases: list[str], weights: list[str]) -> tuple[str | None, str | None]:

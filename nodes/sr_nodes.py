@@ -12,11 +12,15 @@ from ..pipelines.methods import registered_methods
 from ..pipelines.options import BLEND_MODES, COLOR_FIX_METHODS, DEVICE_NAMES, DTYPE_NAMES, LATENT_SAMPLING_MODES
 from . import comfy_env
 from .values import (
+    NO_LORA,
     PIPE_TYPE,
     PROMPT_MODES,
     PROMPT_TYPE,
+    TAGGER_TYPE,
     TILES_TYPE,
+    extract_prompts,
     load_sr_model,
+    load_tagger_model,
     make_prompt,
     split,
     stitch,
@@ -27,6 +31,7 @@ CATEGORY = "image/upscaling/one-step SR"
 SRPipe = io.Custom(PIPE_TYPE)
 SRPrompt = io.Custom(PROMPT_TYPE)
 SRTiles = io.Custom(TILES_TYPE)
+SRTagger = io.Custom(TAGGER_TYPE)
 
 
 def _method_names() -> str:
@@ -251,6 +256,90 @@ class OneStepSRUpscale(io.ComfyNode):
         return io.NodeOutput(images)
 
 
+class OneStepSRTaggerLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        from ..pipelines.methods.dape import DAPE_FILE, RAM_FILE
+
+        files = comfy_env.list_tagger_files()
+        base_default = next((f for f in files if f.endswith(RAM_FILE.name)), files[0] if files else None)
+        lora_default = next((f for f in files if f.endswith(DAPE_FILE.name)), NO_LORA)
+        return io.Schema(
+            node_id="OneStepSRTaggerLoader",
+            display_name="One-step SR Tagger Loader (DAPE)",
+            category=CATEGORY,
+            description="Loads OSEDiff's prompt extractor: the RAM tagger plus the DAPE LoRA (merged), from "
+            "models/onestep_sr or models/RAM.",
+            inputs=[
+                io.Combo.Input(
+                    "tagger",
+                    options=files,
+                    default=base_default,
+                    tooltip=f"The RAM base {RAM_FILE.name} ({RAM_FILE.source}), or a folder written by "
+                    "`onestep_sr convert-tagger`.",
+                ),
+                io.Combo.Input(
+                    "lora",
+                    options=[NO_LORA, *files],
+                    default=lora_default,
+                    tooltip=f"The DAPE LoRA {DAPE_FILE.name} ({DAPE_FILE.source}); none for the plain RAM tagger "
+                    "(or a converted folder, which has it merged).",
+                ),
+                io.Combo.Input("dtype", options=list(DTYPE_NAMES), default="auto", tooltip="Precision of the tagger."),
+                io.Combo.Input(
+                    "device",
+                    options=list(DEVICE_NAMES),
+                    default="auto",
+                    tooltip="Where the tagger runs. auto: ComfyUI's device; it rests on the offload device.",
+                ),
+                io.Boolean.Input(
+                    "antialias",
+                    default=False,
+                    tooltip="Antialiased resize to 384 px (better for large inputs; the official tags are without it).",
+                ),
+            ],
+            outputs=[SRTagger.Output(display_name="tagger", tooltip="The loaded DAPE/RAM tagger.")],
+        )
+
+    @classmethod
+    def execute(cls, tagger: str, lora: str, dtype: str, device: str, antialias: bool) -> io.NodeOutput:
+        return io.NodeOutput(load_tagger_model(tagger, lora, dtype, device, antialias))
+
+
+class OneStepSRPromptExtractor(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="OneStepSRPromptExtractor",
+            display_name="One-step SR Prompt Extractor (DAPE tags)",
+            category=CATEGORY,
+            description="Tags each image as OSEDiff does (the image upsampled as the Upscale node will encode it) and "
+            "builds the official prompt 'TAGS, USER PROMPT,'. For Split -> Upscale -> Stitch, give it the whole "
+            "image: its prompt then applies to every tile.",
+            inputs=[
+                SRTagger.Input("tagger", tooltip="From One-step SR Tagger Loader."),
+                io.Image.Input("image", tooltip="The images the Upscale node will get (tags per batch item)."),
+                io.Int.Input(
+                    "upscale",
+                    default=4,
+                    min=1,
+                    max=8,
+                    step=1,
+                    tooltip="The Upscale node's factor: the tagger sees the image at that size, as upstream.",
+                ),
+                io.String.Input("user_prompt", default="", tooltip="Text after the tags: 'TAGS, USER PROMPT,'."),
+            ],
+            outputs=[
+                SRPrompt.Output(display_name="prompt", tooltip="Per-image prompts for One-step SR Upscale."),
+                io.String.Output(display_name="tags", tooltip="The tags, one line per image (to show or edit)."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, tagger, image, upscale: int, user_prompt: str) -> io.NodeOutput:
+        return io.NodeOutput(*extract_prompts(tagger, image, upscale, user_prompt))
+
+
 class OneStepSRTileSplit(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -317,6 +406,8 @@ NODE_CLASSES: list[type[io.ComfyNode]] = [
     OneStepSRUpscale,
     OneStepSRTileSplit,
     OneStepSRTileStitch,
+    OneStepSRTaggerLoader,
+    OneStepSRPromptExtractor,
 ]
 
 

@@ -49,9 +49,18 @@ class PromptSpec:
 
     mode: str = "model default"
     text: str = ""
+    per_image: tuple[str, ...] = ()  # "text" mode from the Prompt Extractor: one prompt per batch item
 
-    def pipeline_kwargs(self, pipe) -> dict[str, Any]:
-        """The prompt arguments for the pipeline's __call__."""
+    def pipeline_kwargs(self, pipe, index: int = 0, count: int = 1) -> dict[str, Any]:
+        """The prompt arguments for the pipeline's __call__ on batch item `index` of `count`."""
+        if self.per_image:
+            if len(self.per_image) not in (1, count):
+                raise ValueError(
+                    f"the prompt holds {len(self.per_image)} per-image prompts but the image batch has {count} "
+                    "items; give the Prompt Extractor the same batch (or a single image for all items)"
+                )
+            text = self.per_image[index if len(self.per_image) == count else 0]
+            return {"prompt": text, "use_tagger": False}  # the tags are in the text already
         if self.mode == "text":
             return {"prompt": self.text}
         if self.mode == "none":
@@ -121,7 +130,6 @@ def upscale_batch(
     comfy_env.free_memory_for(_modules(pipe), sr_model.device, WORKSPACE_BYTES)
     pipe.to(sr_model.device)
     try:
-        prompt_kwargs = spec.pipeline_kwargs(pipe)
         batch = image.shape[0]
         report = comfy_env.progress_reporter(batch)
         outputs = []
@@ -132,6 +140,7 @@ def upscale_batch(
 
             chw = image[i].movedim(-1, 0).float().clamp(0, 1)
             generator = torch.Generator().manual_seed(seed + i)
+            prompt_kwargs = spec.pipeline_kwargs(pipe, i, batch)
             result = pipe(
                 chw, generator=generator, progress_callback=progress, output_type="pt", **prompt_kwargs, **options
             )
@@ -153,3 +162,56 @@ def stitch(tiles: torch.Tensor, layout: Any) -> torch.Tensor:
 
 def _modules(pipe) -> list[torch.nn.Module]:
     return [m for m in pipe.components.values() if isinstance(m, torch.nn.Module)]
+
+
+# ---------------------------------------------------------------------------- the DAPE tagger
+
+TAGGER_TYPE = "ONESTEP_SR_TAGGER"
+
+
+@dataclass
+class LoadedTagger:
+    """ONESTEP_SR_TAGGER: a loaded tagger and the device it runs on (it rests on ComfyUI's offload device)."""
+
+    tagger: Any
+    device: torch.device
+    rest_device: torch.device
+
+
+def load_tagger_model(base: str, lora: str, dtype: str, device: str, antialias: bool) -> LoadedTagger:
+    from ..pipelines.methods.dape import load_tagger
+
+    if dtype != "auto" and dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of auto, {', '.join(DTYPES)}; got {dtype!r}")
+    target = comfy_env.torch_device() if device == "auto" else resolve_device(device)
+    rest = comfy_env.offload_device() if device == "auto" else target
+    chosen = resolve_dtype("auto" if dtype == "auto" else DTYPES[dtype], target)
+    lora_path = None if lora == NO_LORA else comfy_env.resolve_tagger_file(lora)
+    tagger = load_tagger(comfy_env.resolve_tagger_file(base), lora_path, dtype=chosen, device=rest, antialias=antialias)
+    return LoadedTagger(tagger, target, rest)
+
+
+NO_LORA = "none"
+
+
+def extract_prompts(
+    loaded: LoadedTagger, image: torch.Tensor, upscale: int, user_prompt: str
+) -> tuple[PromptSpec, str]:
+    """Tags of each batch item as the Upscale node will encode it (upsampled by `upscale` as OSEDiff does), and
+    the official per-image prompts f"{tags}, {user_prompt},"; the tags come back one line per item."""
+    from ..pipelines.images import load_images, upsample_pil_bicubic
+    from ..pipelines.models.ram_tagger import official_prompt
+
+    image = check_image(image)
+    tagger = loaded.tagger
+    tagger.to(loaded.device)
+    try:
+        tags = []
+        for i in range(image.shape[0]):
+            comfy_env.check_interrupted()
+            (lq,) = load_images(image[i].movedim(-1, 0).float().clamp(0, 1))
+            tags.extend(tagger.tags(upsample_pil_bicubic(lq, upscale).rgb))
+    finally:
+        tagger.to(loaded.rest_device)
+    prompts = tuple(official_prompt(t, user_prompt) for t in tags)
+    return PromptSpec("text", prompts[0], per_image=prompts), "\n".join(tags)

@@ -129,6 +129,8 @@ def make_comfy_models(root: Path) -> tuple[Path, Path]:
         "embeddings/pool_embeds.pt",
     ):
         shutil.copy(TSDSR_PARITY / f, models / "onestep_sr" / "tsdsr")
+    shutil.copy(DAPE_PARITY / "model" / "ram_tiny_base.pth", models / "onestep_sr" / "ram_swin_large_14m.pth")
+    shutil.copy(DAPE_PARITY / "model" / "dape_tiny.pth", models / "onestep_sr" / "DAPE.pth")
     (models / "checkpoints").mkdir()
     inputs = root / "input"
     inputs.mkdir()

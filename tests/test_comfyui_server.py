@@ -25,7 +25,15 @@ from workflow_tools import WORKFLOWS, workflow_graphs
 COMFYUI = os.environ.get("COMFYUI_PATH")
 pytestmark = pytest.mark.skipif(not COMFYUI, reason="set COMFYUI_PATH to a ComfyUI checkout to run the server test")
 REPO = Path(__file__).resolve().parent.parent
-OUR_NODES = {"OneStepSRModelLoader", "OneStepSRPrompt", "OneStepSRUpscale", "OneStepSRTileSplit", "OneStepSRTileStitch"}
+OUR_NODES = {
+    "OneStepSRModelLoader",
+    "OneStepSRPrompt",
+    "OneStepSRUpscale",
+    "OneStepSRTileSplit",
+    "OneStepSRTileStitch",
+    "OneStepSRTaggerLoader",
+    "OneStepSRPromptExtractor",
+}
 
 
 def comfy_python() -> str:

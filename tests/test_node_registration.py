@@ -56,6 +56,8 @@ def test_v3_comfyui_gets_the_entrypoint_only(clean_modules, tmp_path):
         "OneStepSRUpscale",
         "OneStepSRTileSplit",
         "OneStepSRTileStitch",
+        "OneStepSRTaggerLoader",
+        "OneStepSRPromptExtractor",
     ]
     for cls in node_classes:
         schema = cls.define_schema()

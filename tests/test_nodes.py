@@ -1,6 +1,7 @@
 """ComfyUI nodes without ComfyUI: V3 schemas, execute functions, workflows, bad inputs (tests/comfy_harness.py)."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -8,7 +9,7 @@ import torch
 from PIL import Image
 
 import comfy_harness
-from helpers import OSEDIFF_PARITY, make_comfy_models
+from helpers import DAPE_PARITY, OSEDIFF_PARITY, make_comfy_models
 from workflow_tools import WORKFLOWS, build, ui_to_api, widget_values_by_name, workflow_graphs
 
 
@@ -77,6 +78,8 @@ def test_schemas_have_ids_categories_and_tooltips(comfy):
         "OneStepSRUpscale",
         "OneStepSRTileSplit",
         "OneStepSRTileStitch",
+        "OneStepSRTaggerLoader",
+        "OneStepSRPromptExtractor",
     }
     for name, cls in classes.items():
         schema = cls.define_schema()
@@ -330,9 +333,16 @@ def test_api_workflows_run_end_to_end(comfy, name):
     # values: the graph gives what the library gives for the same settings (auto dtype, official colour fix)
     from onestep_sr import load_pipeline
 
-    if name in ("osediff_upscale", "large_image_tiled"):
+    if name in ("osediff_upscale", "large_image_tiled", "osediff_dape_upscale"):
         upscale = next(n for n in api.values() if n["class_type"] == "OneStepSRUpscale")["inputs"]
-        pipe = load_pipeline(OSEDIFF_PARITY / "tiny-sd21", OSEDIFF_PARITY / "osediff_tiny.pkl", dtype="auto")
+        # the DAPE workflow: the library pipeline with the tagger as a component gives the same image
+        tagger = (DAPE_PARITY / "model" / "ram_tiny_base.pth", DAPE_PARITY / "model" / "dape_tiny.pth")
+        pipe = load_pipeline(
+            OSEDIFF_PARITY / "tiny-sd21",
+            OSEDIFF_PARITY / "osediff_tiny.pkl",
+            dtype="auto",
+            tagger=tagger if name == "osediff_dape_upscale" else None,
+        )
         pipe.set_progress_bar_config(disable=True)
         expected = pipe(
             Image.open(comfy["input"] / "example.png"),
@@ -368,3 +378,69 @@ def test_prompt_mode_none_is_the_empty_prompt_not_the_models_default(nodes, osed
     torch.testing.assert_close(empty[0], with_empty_text.movedim(0, -1), atol=1e-6, rtol=0)
     assert (default - empty).abs().max() > 1e-3
     assert isinstance(pipe.text_conditioning(""), Conditioning)
+
+
+# ---------------------------------------------------------------------------- the DAPE tagger nodes
+
+
+@pytest.fixture(scope="module")
+def loaded_tagger(nodes):
+    (tagger,) = nodes["OneStepSRTaggerLoader"].run(
+        tagger="ram_swin_large_14m.pth", lora="DAPE.pth", dtype="fp32", device="cpu", antialias=False
+    )
+    return tagger
+
+
+def test_tagger_loader_lists_tagger_files_only(comfy, loaded_tagger, tmp_path):
+    inputs = schema_inputs("OneStepSRTaggerLoader")
+    assert inputs["tagger"].kwargs["options"] == ["DAPE.pth", "ram_swin_large_14m.pth"]  # not osediff.pkl, tsdsr/*
+    assert inputs["tagger"].kwargs["default"] == "ram_swin_large_14m.pth"
+    assert inputs["lora"].kwargs["options"][0] == "none" and inputs["lora"].kwargs["default"] == "DAPE.pth"
+    from onestep_sr import load_tagger
+
+    reference = load_tagger(DAPE_PARITY / "model" / "ram_tiny_base.pth", DAPE_PARITY / "model" / "dape_tiny.pth")
+    pixel_values = torch.rand(1, 3, 384, 384, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(loaded_tagger.tagger.logits(pixel_values), reference.logits(pixel_values))
+    # RAM's usual models/RAM folder and converted folders are found too
+    import folder_paths
+
+    from onestep_sr.pipelines.methods.dape import convert_tagger
+
+    ram_dir = comfy["models"] / "RAM"
+    convert_tagger(DAPE_PARITY / "model" / "ram_tiny_base.pth", None, ram_dir / "ram-plain", dtype="fp32")
+    assert ram_dir in [Path(p) for p in folder_paths.get_folder_paths("RAM")]
+    assert schema_inputs("OneStepSRTaggerLoader")["tagger"].kwargs["options"][0] == "ram-plain"
+
+
+def test_prompt_extractor_tags_what_the_upscale_node_encodes(nodes, loaded_tagger, osediff_node_pipe):
+    from onestep_sr.pipelines.models.ram_tagger import official_prompt
+
+    image = (image_batch(2, 12, 10) * 255).round() / 255  # 8-bit data, as LoadImage gives
+    spec, tags = nodes["OneStepSRPromptExtractor"].run(tagger=loaded_tagger, image=image, upscale=2, user_prompt="x")
+    expected_tags = []
+    for i in range(2):  # independently: the 8-bit image, Pillow bicubic x2 (OSEDiff's upsampling), tagged
+        pil = Image.fromarray((image[i].numpy() * 255).round().astype(np.uint8)).resize((20, 24), Image.BICUBIC)
+        expected_tags.append(loaded_tagger.tagger.tags(pil)[0])
+    assert tags == "\n".join(expected_tags)
+    assert spec.per_image == tuple(official_prompt(t, "x") for t in expected_tags)
+    (out,) = nodes["OneStepSRUpscale"].run(
+        **upscale_inputs(sr_model=osediff_node_pipe, image=image, upscale=2, color_fix="none", prompt=spec)
+    )
+    for i in range(2):
+        expected = osediff_node_pipe.pipe(image[i].movedim(-1, 0), prompt=spec.per_image[i], upscale=2,
+                                          color_fix="none", output_type="pt").images[0]  # fmt: skip
+        torch.testing.assert_close(out[i], expected.movedim(0, -1), atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="2 per-image prompts but the image batch has 3"):
+        nodes["OneStepSRUpscale"].run(**upscale_inputs(sr_model=osediff_node_pipe, image=image_batch(3), prompt=spec))
+
+
+def test_whole_image_tags_apply_to_every_tile(nodes, loaded_tagger, osediff_node_pipe):
+    image = image_batch(1, 24, 24)
+    spec, _ = nodes["OneStepSRPromptExtractor"].run(tagger=loaded_tagger, image=image, upscale=2, user_prompt="")
+    tiles, _ = nodes["OneStepSRTileSplit"].run(image=image, tile_size=16, overlap=8)
+    (out,) = nodes["OneStepSRUpscale"].run(
+        **upscale_inputs(sr_model=osediff_node_pipe, image=tiles, upscale=2, color_fix="none", prompt=spec)
+    )
+    first = osediff_node_pipe.pipe(tiles[0].movedim(-1, 0), prompt=spec.per_image[0], upscale=2, color_fix="none",
+                                   output_type="pt").images[0]  # fmt: skip
+    torch.testing.assert_close(out[0], first.movedim(0, -1), atol=1e-6, rtol=0)

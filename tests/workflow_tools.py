@@ -139,7 +139,18 @@ def build(graph: list[dict]) -> tuple[dict, dict]:
     return ui, api
 
 
-def _sr_nodes(base: str, weights: str, upscale_widgets: dict, image_link=(1, 0)) -> list[dict]:
+def _dape_nodes() -> list[dict]:
+    """Tagger Loader (8) -> Prompt Extractor (9), tagging LoadImage's image at the Upscale node's factor."""
+    return [
+        {"id": 8, "type": "OneStepSRTaggerLoader", "pos": (40, 560),
+         "widgets": {"tagger": "ram_swin_large_14m.pth", "lora": "DAPE.pth", "dtype": "auto", "device": "auto",
+                     "antialias": False}},
+        {"id": 9, "type": "OneStepSRPromptExtractor", "pos": (420, 560),
+         "widgets": {"upscale": 4, "user_prompt": ""}, "links": {"tagger": (8, 0), "image": (1, 0)}},
+    ]  # fmt: skip
+
+
+def _sr_nodes(base: str, weights: str, upscale_widgets: dict, image_link=(1, 0), prompt_link=(3, 0)) -> list[dict]:
     return [
         {
             "id": 2,
@@ -164,7 +175,7 @@ def _sr_nodes(base: str, weights: str, upscale_widgets: dict, image_link=(1, 0))
                 "blend": "gaussian",
             }
             | upscale_widgets,
-            "links": {"sr_model": (2, 0), "image": image_link, "prompt": (3, 0)},
+            "links": {"sr_model": (2, 0), "image": image_link, "prompt": prompt_link},
         },
     ]
 
@@ -212,6 +223,12 @@ def workflow_graphs() -> dict[str, list[dict]]:
             save("onestep_sr/stitched", source=(7, 0)),
         ],
         "tsdsr_upscale": [load, *_sr_nodes(SD3, "tsdsr", {}), save("onestep_sr/tsdsr")],
+        "osediff_dape_upscale": [
+            load,
+            *_dape_nodes(),
+            *[n for n in _sr_nodes(SD21, "osediff.pkl", {}, prompt_link=(9, 0)) if n["type"] != "OneStepSRPrompt"],
+            save("onestep_sr/osediff_dape"),
+        ],
     }
 
 
