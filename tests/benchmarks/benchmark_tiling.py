@@ -4,6 +4,9 @@ Not part of the test suite. One command:
 
     python tests/benchmarks/benchmark_tiling.py            # table on stdout, JSON in bench_out/
 
+The DAPE/RAM tagger rows (`--no-tagger` skips them) time the full-size tagger on one 512 px image
+in fp32 and in the default dtype, as OSEDiff runs it once per image before the 512 px upscale.
+
 Every configuration runs in its own subprocess, so peak resident memory (VmHWM) is that
 configuration's alone. Configurations, in the same run:
   baseline: fp32, untiled denoiser, untiled VAE (diffusers' plain encode/decode)
@@ -111,6 +114,40 @@ def run_config(config: str, out_side: int) -> dict:
     }
 
 
+def run_tagger(config: str) -> dict:
+    """The full-size DAPE/RAM tagger (Swin-L 384 + tagging head, random weights): one 512 px image, as OSEDiff
+    tags it before its 512 px run. fp32 (baseline) vs the default dtype; the best of 3 timed runs after a warm-up."""
+    import torch
+    from PIL import Image
+
+    from onestep_sr import RAMTagger
+    from onestep_sr.pipelines.loading import resolve_dtype
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    dtype = torch.float32 if config == "baseline" else resolve_dtype("auto", torch.device("cpu"))
+    torch.manual_seed(0)
+    t0 = time.perf_counter()
+    tagger = RAMTagger().to(dtype).eval()  # the release config: Swin-L (192, [2, 2, 18, 2]), 768-wide head
+    build_s = time.perf_counter() - t0
+    params = sum(p.numel() for p in tagger.parameters())
+    image = Image.new("RGB", (512, 512), (120, 80, 200))
+    times = []
+    with torch.no_grad():
+        tagger.tags(image)  # warm-up
+        for _ in range(3):
+            t = time.perf_counter()
+            tagger.tags(image)
+            times.append(time.perf_counter() - t)
+    return {
+        "config": f"tagger-{config}",
+        "dtype": str(dtype).replace("torch.", ""),
+        "params_m": round(params / 1e6, 1),
+        "tag_s": round(min(times), 2),
+        "build_s": round(build_s, 1),
+        "peak_rss_gib": round(peak_rss_gib(), 2),
+    }
+
+
 def vae_quality(out_side: int, vae_tile_size: int) -> dict:
     """Streamed vs untiled VAE (fp32, same random full-size VAE): PSNR of decode(encode(x))."""
     import math
@@ -165,12 +202,17 @@ def main() -> int:
         help="output sides for the fp32 untiled baseline (2048 needs >24 GiB untiled fp32 on CPU)",
     )
     parser.add_argument("--quality-sizes", default="2048", help="output sides for the VAE tiling PSNR check")
+    parser.add_argument("--no-tagger", action="store_true", help="skip the DAPE tagger rows")
     parser.add_argument("--out", type=Path, default=Path("bench_out"))
+    parser.add_argument("--_tagger", nargs=1, help=argparse.SUPPRESS)
     parser.add_argument("--_child", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--_quality", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args._child:
         print(json.dumps(run_config(args._child[0], int(args._child[1]))))
+        return 0
+    if args._tagger:
+        print(json.dumps(run_tagger(args._tagger[0])))
         return 0
     if args._quality:
         print(json.dumps(vae_quality(int(args._quality[0]), int(args._quality[1]))))
@@ -192,6 +234,7 @@ def main() -> int:
             row = {"config": config, "output": side, **child("--_child", config, side)}
             rows.append(row)
             print(json.dumps(row), file=sys.stderr, flush=True)
+    taggers = [] if args.no_tagger else [child("--_tagger", config) for config in ("baseline", "default")]
     quality = [child("--_quality", side, 512) for side in [int(s) for s in args.quality_sizes.split(",") if s]]
 
     machine = (
@@ -222,9 +265,18 @@ def main() -> int:
         print(f"peak RSS 2048 / 1024 (default): {growth:.2f}x")
     for q in quality:
         print(f"VAE tiled vs untiled at {q.get('output')} px, tile {q.get('vae_tile')}: " + json.dumps(q))
+    if taggers:
+        print("\nDAPE/RAM tagger (Swin-L 384 + tagging head, random weights), one 512 px image per call\n")
+        print(f"{'config':16} {'dtype':>8} {'params':>8} {'time':>7} {'peak RSS':>9}")
+        for t in taggers:
+            if "error" in t:
+                print(f"tagger failed: {t['error']}")
+                continue
+            row = f"{t['config']:16} {t['dtype']:>8} {t['params_m']:>7.1f}M {t['tag_s']:>6.2f}s"
+            print(f"{row} {t['peak_rss_gib']:>7.2f}G")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "benchmark_tiling.json").write_text(
-        json.dumps({"machine": machine, "rows": rows, "vae_quality": quality}, indent=1)
+        json.dumps({"machine": machine, "rows": rows, "vae_quality": quality, "tagger": taggers}, indent=1)
     )
     return 0
 
