@@ -21,9 +21,10 @@ from .methods import (
     registered_methods,
 )
 from .methods.dape import convert_tagger, load_tagger
-from .models import PromptEmbedding, RAMTagger
+from .models import PromptEmbedding, RAMTagger, ResShiftUNet
 from .pipeline_base import Conditioning, OneStepSRBase
 from .pipeline_onestep_sr import OneStepSRPipeline
+from .pipeline_onestep_sr_resshift import OneStepSRResShiftPipeline
 from .pipeline_onestep_sr_sd3 import OneStepSRSD3Pipeline
 
 __all__ = [
@@ -33,9 +34,11 @@ __all__ = [
     "Method",
     "OneStepSRBase",
     "OneStepSRPipeline",
+    "OneStepSRResShiftPipeline",
     "OneStepSRSD3Pipeline",
     "PromptEmbedding",
     "RAMTagger",
+    "ResShiftUNet",
     "adain_color_fix",
     "apply_color_fix",
     "convert_tagger",

@@ -51,9 +51,9 @@ GENERIC_DEFAULTS = TileDefaults()
 
 # Denoiser tiling limits (latent pixels).
 MIN_TILE_SIZE = 16
-AUTO_TILE_CANDIDATES = (128, 96, 64, 48, 32)
-# "auto" runs a latent up to this size in one piece (when memory allows): one pass costs less than
-# overlapping tiles at these sizes, and the result is exactly the untiled one.
+AUTO_TILE_CANDIDATES = (256, 192, 128, 96, 64, 48, 32)  # tried up to the method's default tile
+# "auto" runs a latent up to this size (or the method's default tile, if larger) in one piece when memory
+# allows: one pass costs less than overlapping tiles at these sizes, and the result is exactly the untiled one.
 AUTO_SINGLE_TILE_MAX = 128
 
 # Streamed VAE tiles (image pixels).

@@ -45,9 +45,10 @@ class OneStepSROutput(ImagePipelineOutput):
 class Conditioning:
     """What the denoiser is conditioned on: a token sequence and, for SD3-style models, a pooled vector."""
 
-    embeds: torch.Tensor
+    embeds: torch.Tensor | None
     pooled: torch.Tensor | None = None
     from_text: bool = False  # encoded from a prompt by the text encoders (not given, not the fixed embedding)
+    image: torch.Tensor | None = None  # an image the denoiser is conditioned on (ResShift: the padded LR)
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,7 @@ class CallInputs:
     pooled_prompt_embeds: torch.Tensor | None
     tiling: TilingOptions
     use_tagger: bool
+    noise: torch.Tensor | None = None
 
 
 class Progress:
@@ -101,6 +103,7 @@ class OneStepSRBase(DiffusionPipeline, abc.ABC):
         blend: str = "gaussian",
         progress_callback: Callable[[int, int], None] | None = None,
         use_tagger: bool = True,
+        noise: torch.Tensor | None = None,
     ) -> OneStepSROutput | tuple:
         r"""
         Args:
@@ -125,23 +128,26 @@ class OneStepSRBase(DiffusionPipeline, abc.ABC):
                 tile, decode); raising from it cancels the run between tiles.
             use_tagger: with a `tagger` component (OSEDiff's DAPE), each image's prompt is the official
                 f"{tags}, {prompt}," of the upsampled input; False uses `prompt` as given.
+            noise: for pipelines that start from a noised latent (ResShift family): the latent-shaped eps to
+                inject (one image) instead of drawing it from `generator`.
         """
         # 0. Check every argument before any work, and plan each image's tiling once.
         inputs = self.check_inputs(
             image, prompt, upscale, color_fix, latent_sampling, generator, output_type, prompt_embeds,
-            pooled_prompt_embeds, tile_size, tile_overlap, tile_batch_size, vae_tile_size, blend, use_tagger,
+            pooled_prompt_embeds, tile_size, tile_overlap, tile_batch_size, vae_tile_size, blend, use_tagger, noise,
         )  # fmt: skip
         device = self._execution_device
         plans = [self._plan_image(inputs.tiling, lq, inputs.upscale) for lq in inputs.images]
 
         results, used_prompts = [], []
-        with self.progress_bar(total=sum(p.work_units for p in plans)) as bar:
+        total = sum(2 + self.denoiser_calls * p.denoiser_tiles for p in plans)
+        with self.progress_bar(total=total) as bar:
             progress = Progress(bar, bar.total, progress_callback)
             for i, (lq, plan) in enumerate(zip(inputs.images, plans)):
                 # 1. Upsample to output size: the network itself never changes resolution.
                 lq_up = self.upsample(lq, inputs.upscale)
                 # 2. Pad to the latent grid (cropped away after decoding) and encode.
-                padded, (height, width) = pad_to_multiple(lq_up.rgb * 2 - 1, self.pad_multiple)
+                padded, (height, width) = self.model_input(lq, lq_up)
                 latents = self.encode(padded.to(device), inputs.latent_sampling, inputs.generators[i], plan)
                 progress.advance()
                 # 3. One denoising step from the LQ latent itself, tile by tile, conditioned on the prompt
@@ -150,7 +156,9 @@ class OneStepSRBase(DiffusionPipeline, abc.ABC):
                 prompt_i = self.image_prompt(lq_up, inputs.prompts[i], tag)
                 cond = self.encode_prompt(prompt_i, inputs.prompt_embeds, inputs.pooled_prompt_embeds, i, device)
                 used_prompts.append(prompt_i if cond.from_text else None)
-                clean = self.denoise(latents, cond, plan, on_tile=progress.advance)
+                cond = self.condition_on_image(cond, lq, device)
+                latents = self.start_latents(latents, inputs.noise, inputs.generators[i])
+                clean = self.denoise(latents, cond, plan, on_tile=progress.advance, generator=inputs.generators[i])
                 # 4. Decode, crop the padding, colour-correct.
                 decoded = self.decode(clean, plan)[..., :height, :width]
                 progress.advance()
@@ -185,6 +193,7 @@ class OneStepSRBase(DiffusionPipeline, abc.ABC):
         vae_tile_size: Any,
         blend: str,
         use_tagger: bool = True,
+        noise: torch.Tensor | None = None,
     ) -> CallInputs:
         """Every argument checked in one place (clear errors before any work), normalised per image."""
         color_fix = self.defaults.color_fix if color_fix is None else color_fix
@@ -197,10 +206,16 @@ class OneStepSRBase(DiffusionPipeline, abc.ABC):
         tiling = TilingOptions.validate(tile_size, tile_overlap, tile_batch_size, vae_tile_size, blend, self.defaults)
         images = load_images(image)
         factors = {check_upscale(upscale, lq) for lq in images}
+        if self.fixed_upscale is not None and factors != {self.fixed_upscale}:
+            raise ValueError(f"{self.display_name} upscales by exactly {self.fixed_upscale}x (got upscale={upscale})")
         prompts = self._per_image(prompt, len(images), "prompt")
         if not all(isinstance(p, str) for p in prompts):
             raise ValueError(f"prompt must be a string or a list of strings, got {prompt!r}")
         self.check_conditioning(prompts, prompt_embeds, pooled_prompt_embeds)
+        if noise is not None and not self.accepts_noise:
+            raise ValueError(f"{self.display_name} starts from the LQ latent itself and takes no noise=")
+        if noise is not None and len(images) != 1:
+            raise ValueError(f"noise= is one latent for one image; got {len(images)} images")
         tagging = bool(use_tagger) and self.tagger_component is not None and prompt_embeds is None
         if tagging and not self.has_text_encoders:
             raise ValueError("this pipeline has a tagger but no text encoder to encode its tags; pass use_tagger=False")
@@ -216,6 +231,7 @@ class OneStepSRBase(DiffusionPipeline, abc.ABC):
             pooled_prompt_embeds=pooled_prompt_embeds,
             tiling=tiling,
             use_tagger=bool(use_tagger),
+            noise=noise,
         )
 
     def check_conditioning(
@@ -244,12 +260,17 @@ class OneStepSRBase(DiffusionPipeline, abc.ABC):
     ) -> TilingPlan:
         """The tiling plan `__call__` would use for a latent of this size (free memory is read now)."""
         options = TilingOptions.validate(tile_size, tile_overlap, tile_batch_size, vae_tile_size, blend, self.defaults)
-        return plan_tiling(options, latent_hw, self.denoiser_facts, self._execution_device)
+        return plan_tiling(options, latent_hw, self.denoiser_facts, self._execution_device, self.tile_multiple)
 
     def _plan_image(self, options: TilingOptions, lq: LQImage, upscale: int) -> TilingPlan:
+        return plan_tiling(
+            options, self.latent_size(lq.size, upscale), self.denoiser_facts, self._execution_device, self.tile_multiple
+        )
+
+    def latent_size(self, lq_hw: tuple[int, int], upscale: int) -> tuple[int, int]:
+        """The denoiser's latent size for an input of this size (the padded output over the VAE factor)."""
         pad, f = self.pad_multiple, self.vae_scale_factor
-        latent_hw = tuple(-(-side * upscale // pad) * pad // f for side in lq.size)
-        return plan_tiling(options, latent_hw, self.denoiser_facts, self._execution_device)
+        return tuple(-(-side * upscale // pad) * pad // f for side in lq_hw)
 
     # ------------------------------------------------------------------ what the method is
 
@@ -270,6 +291,11 @@ class OneStepSRBase(DiffusionPipeline, abc.ABC):
         return method.display_name if method is not None else type(self).__name__
 
     accepts_tagger = False  # pipelines with a `tagger` component (an image tagger writing the prompt) say True
+    accepts_noise = False  # pipelines that start from a noised latent say True
+    tile_multiple = 1  # denoiser tiles must be multiples of this many latent pixels
+    denoiser_calls = 1  # denoiser evaluations per image (one step; multi-step samplers say more)
+    fixed_upscale: int | None = None  # the only factor a model supports (its latent is tied to the LR size)
+    channels_last = True  # convolution weights and maps in channels-last (faster; see README)
 
     @property
     def tagger_component(self):
@@ -302,6 +328,20 @@ class OneStepSRBase(DiffusionPipeline, abc.ABC):
     def denoiser_facts(self) -> DenoiserFacts:
         return DenoiserFacts(width=self.denoiser_width, dtype=self.denoiser_dtype)
 
+    def model_input(self, lq: LQImage, lq_up: LQImage) -> tuple[torch.Tensor, tuple[int, int]]:
+        """The VAE's input in [-1, 1], padded to the latent grid, and the size to crop the output back to."""
+        return pad_to_multiple(lq_up.rgb * 2 - 1, self.pad_multiple)
+
+    def condition_on_image(self, cond: Conditioning, lq: LQImage, device: torch.device) -> Conditioning:
+        """Add image conditioning (denoisers that see the LQ image itself override this)."""
+        return cond
+
+    def start_latents(
+        self, latents: torch.Tensor, noise: torch.Tensor | None, generator: torch.Generator | None
+    ) -> torch.Tensor:
+        """The diffusion state the denoiser starts from: the LQ latent itself (one-step SD methods)."""
+        return latents
+
     def encode(
         self,
         image: torch.Tensor,
@@ -327,6 +367,7 @@ class OneStepSRBase(DiffusionPipeline, abc.ABC):
         cond: Conditioning,
         plan: TilingPlan | None = None,
         on_tile: Callable[[int], None] | None = None,
+        generator: torch.Generator | None = None,
     ) -> torch.Tensor:
         """One denoiser evaluation (tile by tile, outputs blended), then x0 in closed form once."""
         plan = plan or TilingPlan.untiled(tuple(latents.shape[-2:]))

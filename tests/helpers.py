@@ -66,6 +66,7 @@ def png_to_tensor(img: Image.Image) -> torch.Tensor:
 
 TSDSR_PARITY = DATA / "parity" / "tsdsr"
 DAPE_PARITY = DATA / "parity" / "dape"
+TADSR_PARITY = DATA / "parity" / "tadsr"
 
 
 class TSDSRCase:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -171,3 +172,99 @@ def quiet_diffusers():
         yield
     finally:
         diffusers_logging.set_verbosity(previous)
+
+
+# ---------------------------------------------------------------------------- VQGAN-f4 (ResShift family)
+
+
+def vq_config_from_ldm(state: dict[str, Any], path) -> dict[str, Any]:
+    """diffusers `VQModel` config read from an LDM-layout VQGAN checkpoint's shapes."""
+    try:
+        levels = sorted({int(k.split(".")[2]) for k in state if k.startswith("encoder.down.")})
+        blocks = {k.split(".")[4] for k in state if k.startswith("encoder.down.0.block.")}
+        return dict(
+            in_channels=state["encoder.conv_in.weight"].shape[1],
+            out_channels=state["decoder.conv_out.weight"].shape[0],
+            down_block_types=("DownEncoderBlock2D",) * len(levels),
+            up_block_types=("UpDecoderBlock2D",) * len(levels),
+            block_out_channels=tuple(state[f"encoder.down.{i}.block.0.conv2.weight"].shape[0] for i in levels),
+            layers_per_block=len(blocks),
+            latent_channels=state["encoder.conv_out.weight"].shape[0],
+            num_vq_embeddings=state["quantize.embedding.weight"].shape[0],
+            vq_embed_dim=state["quant_conv.weight"].shape[0],
+            norm_num_groups=32,
+            scaling_factor=1.0,
+        )
+    except (KeyError, IndexError, ValueError) as err:
+        raise CheckpointError(f"{path}: not an LDM VQGAN checkpoint (missing or malformed {err})") from err
+
+
+def vq_state_from_ldm(state: dict[str, Any], levels: int) -> dict[str, Any]:
+    """LDM VQGAN key names -> diffusers VQModel names (decoder levels reversed, attention 1x1 convs -> linears)."""
+    attn = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
+    out = {}
+    for key, value in state.items():
+        new = key
+        new = re.sub(r"^encoder\.down\.(\d+)\.block\.(\d+)\.", r"encoder.down_blocks.\1.resnets.\2.", new)
+        new = re.sub(r"^encoder\.down\.(\d+)\.downsample\.", r"encoder.down_blocks.\1.downsamplers.0.", new)
+        m = re.match(r"^decoder\.up\.(\d+)\.(block\.(\d+)|upsample)\.(.*)$", new)
+        if m:
+            level = levels - 1 - int(m.group(1))
+            inner = f"resnets.{m.group(3)}" if m.group(3) is not None else "upsamplers.0"
+            new = f"decoder.up_blocks.{level}.{inner}.{m.group(4)}"
+        new = re.sub(r"\.mid\.block_1\.", ".mid_block.resnets.0.", new)
+        new = re.sub(r"\.mid\.block_2\.", ".mid_block.resnets.1.", new)
+        m = re.match(r"^(encoder|decoder)\.mid\.attn_1\.(norm|q|k|v|proj_out)\.(weight|bias)$", new)
+        if m:
+            new = f"{m.group(1)}.mid_block.attentions.0.{attn[m.group(2)]}.{m.group(3)}"
+            if m.group(2) != "norm" and value.ndim == 4:
+                value = value[:, :, 0, 0]
+        new = new.replace(".nin_shortcut.", ".conv_shortcut.").replace(".norm_out.", ".conv_norm_out.")
+        out[new] = value
+    return out
+
+
+def load_vq_f4(path: str | os.PathLike, dtype: torch.dtype = torch.float32):
+    """ResShift's VQGAN-f4 (`autoencoder_vq_f4.pth`, LDM layout) as a diffusers `VQModel`, keys checked strictly."""
+    from diffusers import VQModel
+
+    from .files import read_weights
+
+    path = Path(path)
+    if path.is_dir():  # a diffusers VQModel folder (e.g. the vae/ of a converted pipeline)
+        config = path / "config.json"
+        if not config.is_file() or '"VQModel"' not in config.read_text(encoding="utf-8"):
+            raise CheckpointError(
+                f"{path}: not a VQ autoencoder (a VQModel folder or autoencoder_vq_f4.pth); the ResShift family needs "
+                "autoencoder_vq_f4.pth as its base"
+            )
+        return VQModel.from_pretrained(path, torch_dtype=dtype, local_files_only=True)
+    state = read_weights(path)
+    if isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    state = {_strip_wrappers(k): v for k, v in state.items()}
+    if "quantize.embedding.weight" not in state:
+        raise CheckpointError(
+            f"{path}: not a VQGAN autoencoder (no quantize.embedding.weight); the ResShift family needs "
+            "autoencoder_vq_f4.pth as its base"
+        )
+    config = vq_config_from_ldm(state, path)
+    with torch.device("meta"):
+        probe = VQModel(**config)
+    expected = set(probe.state_dict())
+    converted = vq_state_from_ldm(state, len(config["block_out_channels"]))
+    missing, unexpected = sorted(expected - converted.keys()), sorted(converted.keys() - expected)
+    if missing or unexpected:
+        raise CheckpointError(f"{path}: VQGAN keys do not fit: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    vae = VQModel(**config)
+    try:
+        vae.load_state_dict(converted, strict=True)
+    except RuntimeError as err:
+        raise CheckpointError(f"{path}: VQGAN weights do not fit their own shapes: {err}") from err
+    return vae.to(dtype)
+
+
+def _strip_wrappers(key: str) -> str:
+    """`module.` (DataParallel) and `_orig_mod.` (torch.compile) prefixes, as the official loaders strip them."""
+    key = key[len("module.") :] if key.startswith("module.") else key
+    return key.replace("_orig_mod.", "")

@@ -58,7 +58,7 @@ def prepare_for_inference(pipe: DiffusionPipeline, device: torch.device, dtype: 
     pipe.to(device)
     with quiet_diffusers():
         pipe.to(dtype=dtype)  # the text encoders, and anything loaded in another dtype
-    for name in CONV_MODULES:
+    for name in CONV_MODULES if getattr(pipe, "channels_last", True) else ():
         module = getattr(pipe, name, None)
         if module is not None:
             module.to(memory_format=torch.channels_last)

@@ -20,7 +20,8 @@ if TYPE_CHECKING:
     from ..pipeline_base import OneStepSRBase
 
 # The built-in methods, in the order they are tried and listed.
-from . import osediff, tsdsr  # noqa: F401  (registers them)
+from . import osediff, tsdsr  # noqa: I001, F401  (registers them, in this order)
+from . import resshift  # noqa: F401
 from .registry import (
     BaseModel,
     BuildOptions,

@@ -2,5 +2,6 @@
 
 from .prompt_embedding import PromptEmbedding
 from .ram_tagger import RAMTagger
+from .resshift_unet import ResShiftUNet
 
-__all__ = ["PromptEmbedding", "RAMTagger"]
+__all__ = ["PromptEmbedding", "RAMTagger", "ResShiftUNet"]

@@ -132,6 +132,7 @@ class TilingPlan:
     blend: str
     vae_tile_size: int | None
     device: torch.device = torch.device("cpu")  # noqa: RUF009 (torch.device is immutable)
+    tile_multiple: int = 1  # denoiser tiles must be multiples of this (e.g. 64 for ResShift's Swin windows)
 
     @classmethod
     def untiled(cls, latent_hw: tuple[int, int] = (0, 0)) -> TilingPlan:
@@ -151,6 +152,8 @@ class TilingPlan:
         return 2 + self.denoiser_tiles
 
     def with_tile(self, tile: int | None) -> TilingPlan:
+        if tile is not None:
+            tile = max(self.tile_multiple, tile - tile % self.tile_multiple)
         if tile is not None and self.latent_hw[0] <= tile and self.latent_hw[1] <= tile:
             tile = None
         return dataclasses.replace(self, tile_size=tile)
@@ -160,14 +163,19 @@ class TilingPlan:
 
 
 def plan_tiling(
-    options: TilingOptions, latent_hw: tuple[int, int], denoiser: DenoiserFacts, device: torch.device
+    options: TilingOptions,
+    latent_hw: tuple[int, int],
+    denoiser: DenoiserFacts,
+    device: torch.device,
+    tile_multiple: int = 1,
 ) -> TilingPlan:
     """The plan for a latent of this size; "auto" reads free memory here, once."""
     tile = options.tile_size
     if tile == "auto":
         budget = available_memory(device) // 2  # leave room for the VAE maps and the rest of the process
         single = max(latent_hw)
-        if single <= AUTO_SINGLE_TILE_MAX and denoiser.tile_bytes(single, options.tile_batch_size) <= budget:
+        one_piece_max = max(AUTO_SINGLE_TILE_MAX, options.default_tile)
+        if single <= one_piece_max and denoiser.tile_bytes(single, options.tile_batch_size) <= budget:
             tile = None
         else:
             # the method's own default (its official tiling) unless free memory asks for smaller tiles
@@ -182,6 +190,7 @@ def plan_tiling(
         blend=options.blend,
         vae_tile_size=options.vae_tile_size,
         device=device,
+        tile_multiple=tile_multiple,
     )
     return plan.with_tile(tile)
 
@@ -208,7 +217,9 @@ def retry_on_oom(
 
 def halve_denoiser_tile(plan: TilingPlan) -> TilingPlan | None:
     smaller = (max(plan.latent_hw) if plan.tile_size is None else plan.tile_size) // 2
-    return None if smaller < MIN_TILE_SIZE else plan.with_tile(smaller)
+    if smaller < max(MIN_TILE_SIZE, plan.tile_multiple) or smaller % plan.tile_multiple:
+        return None
+    return plan.with_tile(smaller)
 
 
 def vae_encode(vae, image: torch.Tensor, plan: TilingPlan):
@@ -217,10 +228,20 @@ def vae_encode(vae, image: torch.Tensor, plan: TilingPlan):
     return _run_vae(plan, image.shape[-2:], lambda: vae.encode(image).latent_dist, lambda s: s.encode(image), vae)
 
 
-def vae_decode(vae, latents: torch.Tensor, plan: TilingPlan, scale_factor: int) -> torch.Tensor:
-    latents = latents.contiguous(memory_format=torch.channels_last)
+def vq_encode(vae, image: torch.Tensor, plan: TilingPlan) -> torch.Tensor:
+    """A VQ model's latent (encoder + quant_conv, not quantised), streamed like `vae_encode`. Kept in the default
+    memory format: the VQ argmin is fragile and channels-last reorders the encoder's sums (measured 2e-4)."""
+    image = image.contiguous()
+    return _run_vae(plan, image.shape[-2:], lambda: vae.encode(image).latents, lambda s: s.encode_moments(image), vae)
+
+
+def vae_decode(
+    vae, latents: torch.Tensor, plan: TilingPlan, scale_factor: int, channels_last: bool = True, **decode_kwargs
+) -> torch.Tensor:
+    """decode_kwargs go to the untiled `vae.decode` (e.g. force_not_quantize=True for already quantised latents)."""
+    latents = latents.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     size = tuple(n * scale_factor for n in latents.shape[-2:])
-    return _run_vae(plan, size, lambda: vae.decode(latents).sample, lambda s: s.decode(latents), vae)
+    return _run_vae(plan, size, lambda: vae.decode(latents, **decode_kwargs).sample, lambda s: s.decode(latents), vae)
 
 
 def _run_vae(plan: TilingPlan, image_hw, untiled: Callable, streamed: Callable, vae):

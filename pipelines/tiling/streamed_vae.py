@@ -60,6 +60,11 @@ class StreamedVAE:
 
     @torch.no_grad()
     def encode(self, image: torch.Tensor) -> DiagonalGaussianDistribution:
+        return DiagonalGaussianDistribution(self.encode_moments(image))
+
+    @torch.no_grad()
+    def encode_moments(self, image: torch.Tensor) -> torch.Tensor:
+        """The encoder + quant_conv output itself (a VQ model's latent; a KL model's mean and log-variance)."""
         enc = self.vae.encoder
         x = self.conv(enc.conv_in, image)
         for block in enc.down_blocks:
@@ -71,7 +76,7 @@ class StreamedVAE:
         x = self.conv(enc.conv_out, x, pre=self.norm_act(enc.conv_norm_out, enc.conv_act, x))
         if self.vae.quant_conv is not None:
             x = self.conv(self.vae.quant_conv, x)
-        return DiagonalGaussianDistribution(x)
+        return x
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,238 @@
+"""OneStepSRResShiftPipeline: residual-shifting SR in a VQGAN-f4 latent (TAD-SR and SinSR in one step, ResShift in
+its own 4 or 15 steps). Facts: shared docs methods-tadsr-dfosd.md A, parity README sections 3, 5 and 9.
+
+The LR in [-1, 1] is reflect-padded (bottom/right) to a multiple of 64 LR px, upsampled x4 (torch bicubic, no
+clamp) and encoded without quantisation to z_y; the start is x_T = z_y + kappa sqrt(eta_T) eps. Each step feeds the
+UNet x / sqrt(kappa^2 eta_t + 1) with the integer t and the padded LR as `lq`; it predicts x0. Decoding quantises to
+the nearest code, decodes, crops and clamps. Unlike the official tiled inference (fresh noise per pixel patch),
+denoiser tiles here share one noise map drawn for the whole latent, so tiled output is seam-free and deterministic.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import VQModel
+
+from .images import LQImage, pad_to_multiple, upsample_torch_bicubic
+from .models.resshift_unet import ResShiftUNet
+from .pipeline_base import Conditioning, OneStepSRBase
+from .tiling.denoiser import run_tiled
+from .tiling.plan import TilingPlan, halve_denoiser_tile, retry_on_oom, vae_decode, vq_encode
+
+
+def sqrt_eta_schedule(steps: int, min_noise_level: float, kappa: float, etas_end: float, power: float,
+                      clamp_start: bool) -> np.ndarray:  # fmt: skip
+    """sqrt(eta_t) = eta_0 (eta_end / eta_0)^((t / (T - 1))^p), float64. eta_0 = min(min_noise / kappa, min_noise),
+    also capped at sqrt(0.001) in TAD-SR and SinSR (clamp_start) but not in ResShift."""
+    start = min(min_noise_level / kappa, min_noise_level)
+    if clamp_start:
+        start = min(start, 0.001**0.5)
+    t = np.arange(steps, dtype=np.float64)
+    return start * (etas_end / start) ** ((t / (steps - 1)) ** power)
+
+
+def nearest_codes(z: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+    """VQ as upstream: argmin over |z|^2 + |e|^2 - 2 z.e in float32, then z + (e - z) (not exactly e)."""
+    b, c, h, w = z.shape
+    flat = z.permute(0, 2, 3, 1).reshape(-1, c).float()
+    e = codebook.float()
+    distance = flat.pow(2).sum(1, keepdim=True) + e.pow(2).sum(1) - 2 * flat @ e.t()
+    codes = e[distance.argmin(dim=1)].view(b, h, w, c).permute(0, 3, 1, 2)
+    return z + (codes.to(z.dtype) - z)
+
+
+class OneStepSRResShiftPipeline(OneStepSRBase):
+    r"""Components: vae ([`VQModel`], the VQGAN-f4), unet ([`ResShiftUNet`]).
+    Config: the diffusion schedule (num_train_steps, kappa, min_noise_level, etas_end, power, clamp_etas_start),
+    num_inference_steps (1: one step at t = T - 1, TAD-SR/SinSR; T: ResShift's own sampler), lr_pad_multiple (64),
+    method (the registered method that built it).
+    """
+
+    model_cpu_offload_seq = "unet->vae"
+    _optional_components = []
+    accepts_noise = True
+    tile_multiple = 64  # the Swin windows of the deepest level (8 latent px there) need multiples of 64
+    channels_last = False  # the fragile VQ argmin: keep the official summation order (see tiling.plan.vq_encode)
+    fixed_upscale = 4
+
+    def __init__(
+        self,
+        vae: VQModel,
+        unet: ResShiftUNet,
+        num_train_steps: int = 15,
+        kappa: float = 2.0,
+        min_noise_level: float = 0.04,
+        etas_end: float = 0.99,
+        power: float = 0.3,
+        clamp_etas_start: bool = True,
+        num_inference_steps: int = 1,
+        lr_pad_multiple: int = 64,
+        method: str | None = None,
+    ):
+        super().__init__()
+        self.register_modules(vae=vae, unet=unet)
+        self.register_to_config(
+            num_train_steps=int(num_train_steps), kappa=float(kappa), min_noise_level=float(min_noise_level),
+            etas_end=float(etas_end), power=float(power), clamp_etas_start=bool(clamp_etas_start),
+            num_inference_steps=int(num_inference_steps), lr_pad_multiple=int(lr_pad_multiple), method=method,
+        )  # fmt: skip
+        if num_inference_steps not in (1, num_train_steps):
+            raise ValueError(
+                f"num_inference_steps must be 1 or the schedule's {num_train_steps}, got {num_inference_steps}"
+            )
+
+    prompt_embedding = None  # no text conditioning at all
+
+    # ------------------------------------------------------------------ the schedule (float64, used as float32)
+
+    @property
+    def sqrt_etas(self) -> np.ndarray:
+        c = self.config
+        return sqrt_eta_schedule(c.num_train_steps, c.min_noise_level, c.kappa, c.etas_end, c.power, c.clamp_etas_start)
+
+    def _f32(self, values: np.ndarray, t: int) -> float:
+        """Upstream indexes the float64 table and casts to float32 before using a coefficient."""
+        return float(np.float32(values[t]))
+
+    @property
+    def timesteps(self) -> list[int]:
+        last = self.config.num_train_steps - 1
+        return [last] if self.config.num_inference_steps == 1 else list(range(last, -1, -1))
+
+    @property
+    def denoiser_calls(self) -> int:
+        return len(self.timesteps)
+
+    # ------------------------------------------------------------------ stages
+
+    @property
+    def pad_multiple(self) -> int:
+        return self.config.lr_pad_multiple * self.fixed_upscale
+
+    @property
+    def denoiser_width(self) -> int:
+        return self.unet.config.model_channels
+
+    @property
+    def denoiser_dtype(self) -> torch.dtype:
+        return self.unet.dtype
+
+    @property
+    def has_text_encoders(self) -> bool:
+        return False
+
+    def check_conditioning(self, prompts, prompt_embeds, pooled_prompt_embeds) -> None:
+        if prompt_embeds is not None or pooled_prompt_embeds is not None or any(prompts):
+            raise ValueError(f"{self.display_name} takes no prompt (its denoiser is conditioned on the LR image only)")
+
+    def upsample(self, lq: LQImage, factor: int) -> LQImage:
+        # for the colour-fix reference and the alpha channel; the model input is made in model_input
+        return upsample_torch_bicubic(lq, factor)
+
+    def _padded_lr(self, lq: LQImage) -> torch.Tensor:
+        padded, _ = pad_to_multiple(lq.rgb * 2 - 1, self.config.lr_pad_multiple)
+        return padded
+
+    def model_input(self, lq: LQImage, lq_up: LQImage) -> tuple[torch.Tensor, tuple[int, int]]:
+        # pad the LR, THEN upsample (torch bicubic, no clamp), as upstream
+        x_up = F.interpolate(self._padded_lr(lq), scale_factor=self.fixed_upscale, mode="bicubic", align_corners=False)
+        h, w = lq.size
+        return x_up, (h * self.fixed_upscale, w * self.fixed_upscale)
+
+    def condition_on_image(self, cond: Conditioning, lq: LQImage, device: torch.device) -> Conditioning:
+        return Conditioning(None, image=self._padded_lr(lq).to(device))
+
+    def encode(self, image, latent_sampling, generator, plan: TilingPlan | None = None) -> torch.Tensor:
+        """z_y: the encoder + quant_conv output, not quantised (float32, as upstream computes x_T)."""
+        plan = plan or TilingPlan.untiled()
+        return vq_encode(self.vae, image.to(self.vae.dtype), plan).float() * self.vae.config.scaling_factor
+
+    def start_latents(self, latents: torch.Tensor, noise: torch.Tensor | None, generator) -> torch.Tensor:
+        """x_T = z_y + fl32(kappa sqrt(eta_T)) eps; eps given, or one float32 draw on the generator's device
+        (a CPU generator seeded S reproduces the official torch.manual_seed(S))."""
+        if noise is None:
+            noise = self._randn(latents.shape, generator)
+        elif tuple(noise.shape) != tuple(latents.shape):
+            raise ValueError(f"noise must have the latent's shape {tuple(latents.shape)}, got {tuple(noise.shape)}")
+        t = self.config.num_train_steps - 1
+        scale = self._f32(self.config.kappa * self.sqrt_etas, t)
+        return latents + scale * noise.to(latents.device, torch.float32)
+
+    def denoise(self, latents, cond: Conditioning, plan=None, on_tile: Callable[[int], None] | None = None,
+                generator=None) -> torch.Tensor:  # fmt: skip
+        """The sampler: at each t, x0 = UNet(x / sqrt(kappa^2 eta_t + 1), t, lq) tile by tile; one step returns it,
+        more steps move along ResShift's posterior (one noise draw per step, as upstream, t = 0 included)."""
+        plan = plan or TilingPlan.untiled(tuple(latents.shape[-2:]))
+        sqrt_etas = self.sqrt_etas
+        etas = sqrt_etas**2
+        etas_prev = np.concatenate([[0.0], etas[:-1]])
+        alpha = etas - etas_prev
+        kappa = self.config.kappa
+        variance = kappa**2 * etas_prev / etas * alpha
+        log_variance = np.log(np.concatenate([[variance[1]], variance[1:]]))
+        x = latents.float()
+        for t in self.timesteps:
+            eta32 = torch.tensor(etas[t], dtype=torch.float64).float()
+            x_in = x / torch.sqrt(eta32 * kappa**2 + 1)
+            x0 = self._predict_x0(x_in, t, cond.image, plan, on_tile)
+            noise = self._randn(x.shape, generator)  # drawn every step, also where unused (upstream's RNG stream)
+            if self.config.num_inference_steps == 1:
+                return x0
+            mean = self._f32(etas_prev / etas, t) * x + self._f32(alpha / etas, t) * x0
+            std = torch.exp(0.5 * torch.tensor(log_variance[t], dtype=torch.float64).float()).item()
+            x = mean + (t > 0) * std * noise.to(x.device)
+        return x
+
+    def _predict_x0(self, x_in, t: int, lq: torch.Tensor, plan: TilingPlan, on_tile) -> torch.Tensor:
+        channels = x_in.shape[1]
+        stacked = torch.cat([x_in, lq.to(x_in.device, x_in.dtype)], dim=1)  # tiled together, so the LQ tiles align
+
+        def model(tiles: torch.Tensor) -> torch.Tensor:
+            steps = torch.full((tiles.shape[0],), t, dtype=torch.int64, device=tiles.device)
+            return self.unet(tiles[:, :channels], steps, tiles[:, channels:]).float()
+
+        def run(p: TilingPlan) -> torch.Tensor:
+            return run_tiled(model, stacked, p.tile_size, p.overlap, p.batch_size, p.blend, on_tile)
+
+        return retry_on_oom(run, plan, halve_denoiser_tile, plan.device, "denoiser")
+
+    def decode(self, latents: torch.Tensor, plan: TilingPlan | None = None) -> torch.Tensor:
+        """Nearest codes, then the VQ decoder (post_quant_conv included); clamped to [-1, 1] (cropped by __call__)."""
+        plan = plan or TilingPlan.untiled()
+        z = latents / self.vae.config.scaling_factor
+        z_q = nearest_codes(z, self.vae.quantize.embedding.weight)
+        image = vae_decode(
+            self.vae, z_q.to(self.vae.dtype), plan, self.vae_scale_factor, False, force_not_quantize=True
+        )
+        if not torch.isfinite(image).all() and self.vae.dtype != torch.float32:
+            dtype = self.vae.dtype
+            self.vae.to(torch.float32)
+            try:
+                image = vae_decode(self.vae, z_q.float(), plan, self.vae_scale_factor, False, force_not_quantize=True)
+            finally:
+                self.vae.to(dtype)
+        return image.clamp(-1, 1)
+
+    # the base class's abstract hooks, for one model call outside the sampler
+    def encode_text(self, prompt, device, dtype) -> Conditioning:
+        raise ValueError(f"{self.display_name} has no text encoder")
+
+    def encode_prompt(self, prompt, prompt_embeds, pooled_prompt_embeds, index, device) -> Conditioning:
+        return Conditioning(None)
+
+    def model_output(self, latents: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        t = self.config.num_train_steps - 1
+        steps = torch.full((latents.shape[0],), t, dtype=torch.int64, device=latents.device)
+        return self.unet(latents, steps, cond.image)
+
+    def predict_clean_latent(self, model_output: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+        return model_output  # the UNet predicts x0 itself
+
+    @staticmethod
+    def _randn(shape, generator) -> torch.Tensor:
+        device = generator.device if generator is not None else torch.device("cpu")
+        return torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
