@@ -60,25 +60,38 @@ def _subdirs_with(name: str, *markers: str) -> dict[str, str]:
     return found
 
 
+def _base_files_in_model_folder() -> list[str]:
+    """Files in models/onestep_sr named as some method's base (e.g. ResShift's autoencoder_vq_f4.pth beside its
+    UNet): bases that are not Stable Diffusion checkpoints live with the SR weights."""
+    names = {n for m in registered_methods() for n in m.base.single_files}
+    with contextlib.suppress(KeyError):
+        return [f for f in _folder_paths().get_filename_list(MODEL_FOLDER) if os.path.basename(f) in names]
+    return []
+
+
 def list_base_models() -> list[str]:
-    """Diffusers folders (models/diffusers/*/model_index.json) and single-file checkpoints (models/checkpoints)."""
+    """Diffusers folders (models/diffusers/*/model_index.json), single-file checkpoints (models/checkpoints), and
+    base files kept in models/onestep_sr."""
     fp = _folder_paths()
     names = sorted(_subdirs_with("diffusers", "model_index.json"))
     with contextlib.suppress(KeyError):  # a ComfyUI without a checkpoints folder
         names += [f for f in fp.get_filename_list("checkpoints") if f not in names]
-    return names
+    return names + [f for f in _base_files_in_model_folder() if f not in names]
 
 
 def resolve_base_model(name: str) -> str:
     folder = _subdirs_with("diffusers", "model_index.json").get(name)
     if folder:
         return folder
-    path = _folder_paths().get_full_path("checkpoints", name)
-    if path:
-        return path
+    fp = _folder_paths()
+    for folder_name in ("checkpoints", MODEL_FOLDER):
+        with contextlib.suppress(KeyError):
+            path = fp.get_full_path(folder_name, name)
+            if path:
+                return path
     raise FileNotFoundError(
-        f"base model {name!r} not found: put a diffusers folder in models/diffusers/ "
-        "or a single file in models/checkpoints/"
+        f"base model {name!r} not found: put a diffusers folder in models/diffusers/, a single file in "
+        f"models/checkpoints/, or a method's own base file (such as autoencoder_vq_f4.pth) in models/{MODEL_FOLDER}/"
     )
 
 
@@ -96,6 +109,7 @@ def list_sr_weights() -> list[str]:
 
     fp = _folder_paths()
     parts = component_files() | {f.name for f in TAGGER_FILES}  # tagger files go to the Tagger Loader
+    parts |= {n for m in registered_methods() for n in m.base.single_files if m.weights_layout == "file"}
     files = [
         f
         for f in fp.get_filename_list(MODEL_FOLDER)
@@ -134,6 +148,7 @@ def list_tagger_files() -> list[str]:
     """Tagger weights: files in models/RAM and models/onestep_sr (SR methods' own files left out), converted folders."""
     fp = _folder_paths()
     taken = {m.default_weights for m in registered_methods()} | component_files()
+    taken |= {n for m in registered_methods() for n in m.base.single_files}
     files: list[str] = []
     for name in (TAGGER_FOLDER, MODEL_FOLDER):
         with contextlib.suppress(KeyError):

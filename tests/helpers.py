@@ -132,6 +132,10 @@ def make_comfy_models(root: Path) -> tuple[Path, Path]:
         shutil.copy(TSDSR_PARITY / f, models / "onestep_sr" / "tsdsr")
     shutil.copy(DAPE_PARITY / "model" / "ram_tiny_base.pth", models / "onestep_sr" / "ram_swin_large_14m.pth")
     shutil.copy(DAPE_PARITY / "model" / "dape_tiny.pth", models / "onestep_sr" / "DAPE.pth")
+    shutil.copy(TADSR_PARITY / "models" / "tadsr_tiny_A.pth", models / "onestep_sr" / "TAD-SR.pth")
+    shutil.copy(
+        TADSR_PARITY / "models" / "autoencoder_vq_f4_tiny_A.pth", models / "onestep_sr" / "autoencoder_vq_f4.pth"
+    )
     (models / "checkpoints").mkdir()
     inputs = root / "input"
     inputs.mkdir()

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 import comfy_harness
-from helpers import DAPE_PARITY, OSEDIFF_PARITY, make_comfy_models
+from helpers import DAPE_PARITY, OSEDIFF_PARITY, TADSR_PARITY, make_comfy_models
 from workflow_tools import WORKFLOWS, build, ui_to_api, widget_values_by_name, workflow_graphs
 
 
@@ -88,9 +88,13 @@ def test_schemas_have_ids_categories_and_tooltips(comfy):
             assert i.kwargs.get("tooltip"), f"{name}.{i.id} has no tooltip"
         assert all(o.kwargs.get("tooltip") and o.kwargs.get("display_name") for o in schema.outputs)
     loader = schema_inputs("OneStepSRModelLoader")
-    assert loader["base"].kwargs["options"] == ["stable-diffusion-2-1-base", "stable-diffusion-3-medium-diffusers"]
+    assert loader["base"].kwargs["options"] == [
+        "stable-diffusion-2-1-base",
+        "stable-diffusion-3-medium-diffusers",
+        "autoencoder_vq_f4.pth",  # ResShift's VQGAN, kept beside its UNet in models/onestep_sr
+    ]
     # folder methods first (found by their marker file), then files; a folder's parts are not offered alone
-    assert loader["weights"].kwargs["options"] == ["tsdsr", "osediff.pkl"]
+    assert loader["weights"].kwargs["options"] == ["tsdsr", "TAD-SR.pth", "osediff.pkl"]
     # the defaults are a pair of the same method (the first registered whose files are both present)
     assert (loader["base"].kwargs["default"], loader["weights"].kwargs["default"]) == (
         "stable-diffusion-2-1-base",
@@ -333,19 +337,22 @@ def test_api_workflows_run_end_to_end(comfy, name):
     # values: the graph gives what the library gives for the same settings (auto dtype, official colour fix)
     from onestep_sr import load_pipeline
 
-    if name in ("osediff_upscale", "large_image_tiled", "osediff_dape_upscale"):
+    if name in ("osediff_upscale", "large_image_tiled", "osediff_dape_upscale", "tadsr_upscale"):
         upscale = next(n for n in api.values() if n["class_type"] == "OneStepSRUpscale")["inputs"]
         # the DAPE workflow: the library pipeline with the tagger as a component gives the same image
         tagger = (DAPE_PARITY / "model" / "ram_tiny_base.pth", DAPE_PARITY / "model" / "dape_tiny.pth")
-        pipe = load_pipeline(
-            OSEDIFF_PARITY / "tiny-sd21",
-            OSEDIFF_PARITY / "osediff_tiny.pkl",
-            dtype="auto",
-            tagger=tagger if name == "osediff_dape_upscale" else None,
-        )
+        if name == "tadsr_upscale":  # the seed widget drives the noise: seed S is a CPU generator seeded S
+            files = (
+                TADSR_PARITY / "models" / "autoencoder_vq_f4_tiny_A.pth",
+                TADSR_PARITY / "models" / "tadsr_tiny_A.pth",
+            )
+        else:
+            files = (OSEDIFF_PARITY / "tiny-sd21", OSEDIFF_PARITY / "osediff_tiny.pkl")
+        pipe = load_pipeline(*files, dtype="auto", tagger=tagger if name == "osediff_dape_upscale" else None)
         pipe.set_progress_bar_config(disable=True)
         expected = pipe(
             Image.open(comfy["input"] / "example.png"),
+            generator=torch.Generator().manual_seed(upscale["seed"]),
             output_type="pt",
             tile_size=upscale["tile_size"] or "auto",
             tile_overlap="auto" if upscale["tile_overlap"] < 0 else upscale["tile_overlap"],

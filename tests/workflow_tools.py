@@ -223,6 +223,7 @@ def workflow_graphs() -> dict[str, list[dict]]:
             save("onestep_sr/stitched", source=(7, 0)),
         ],
         "tsdsr_upscale": [load, *_sr_nodes(SD3, "tsdsr", {}), save("onestep_sr/tsdsr")],
+        "tadsr_upscale": [load, *_sr_nodes("autoencoder_vq_f4.pth", "TAD-SR.pth", {}), save("onestep_sr/tadsr")],
         "osediff_dape_upscale": [
             load,
             *_dape_nodes(),
