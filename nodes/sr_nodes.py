@@ -38,6 +38,24 @@ def _method_names() -> str:
     return ", ".join(m.display_name for m in registered_methods())
 
 
+def _placement_inputs(what: str) -> list:
+    """The loaders' dtype and device widgets (the same names and choices on every loader)."""
+    return [
+        io.Combo.Input(
+            "dtype",
+            options=list(DTYPE_NAMES),
+            default="auto",
+            tooltip=f"Precision of {what}. auto: bf16 where the hardware runs it fast, else fp16 on GPUs, else fp32.",
+        ),
+        io.Combo.Input(
+            "device",
+            options=list(DEVICE_NAMES),
+            default="auto",
+            tooltip=f"Where {what} run. auto: ComfyUI's device; between runs they rest on its offload device.",
+        ),
+    ]
+
+
 def _auto(value: int, auto_below: int):
     """Node widgets spell "auto" as 0 (sizes) or -1 (overlap); the pipelines take the string."""
     return "auto" if value < auto_below else value
@@ -71,19 +89,7 @@ class OneStepSRModelLoader(io.ComfyNode):
                     + "; ".join(f"{m.display_name}: {m.default_weights}" for m in methods)
                     + ").",
                 ),
-                io.Combo.Input(
-                    "dtype",
-                    options=list(DTYPE_NAMES),
-                    default="auto",
-                    tooltip="Precision. auto: bf16 where the hardware runs it fast, else fp16 on GPUs, else fp32.",
-                ),
-                io.Combo.Input(
-                    "device",
-                    options=list(DEVICE_NAMES),
-                    default="auto",
-                    tooltip="Where the models run. auto: ComfyUI's device; they rest on its offload device "
-                    "between runs.",
-                ),
+                *_placement_inputs("the models"),
                 io.Boolean.Input(
                     "fuse_lora",
                     default=True,
@@ -285,13 +291,7 @@ class OneStepSRTaggerLoader(io.ComfyNode):
                     tooltip=f"The DAPE LoRA {DAPE_FILE.name} ({DAPE_FILE.source}); none for the plain RAM tagger "
                     "(or a converted folder, which has it merged).",
                 ),
-                io.Combo.Input("dtype", options=list(DTYPE_NAMES), default="auto", tooltip="Precision of the tagger."),
-                io.Combo.Input(
-                    "device",
-                    options=list(DEVICE_NAMES),
-                    default="auto",
-                    tooltip="Where the tagger runs. auto: ComfyUI's device; it rests on the offload device.",
-                ),
+                *_placement_inputs("the tagger"),
                 io.Boolean.Input(
                     "antialias",
                     default=False,

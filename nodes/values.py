@@ -74,12 +74,17 @@ class PromptSpec:
         return {"prompt": ""}
 
 
-def load_sr_model(base: str, weights: str, dtype: str, device: str, fuse_lora: bool) -> LoadedSR:
+def placement(dtype: str, device: str) -> tuple[torch.dtype, torch.device, torch.device]:
+    """(dtype, device to run on, device to rest on) from the loader widgets; "auto" follows ComfyUI."""
     if dtype != "auto" and dtype not in DTYPES:
         raise ValueError(f"dtype must be one of auto, {', '.join(DTYPES)}; got {dtype!r}")
     target = comfy_env.torch_device() if device == "auto" else resolve_device(device)
     rest = comfy_env.offload_device() if device == "auto" else target
-    chosen = resolve_dtype("auto" if dtype == "auto" else DTYPES[dtype], target)
+    return resolve_dtype("auto" if dtype == "auto" else DTYPES[dtype], target), target, rest
+
+
+def load_sr_model(base: str, weights: str, dtype: str, device: str, fuse_lora: bool) -> LoadedSR:
+    chosen, target, rest = placement(dtype, device)
     pipe = load_pipeline(
         comfy_env.resolve_base_model(base),
         comfy_env.resolve_sr_weights(weights),
@@ -181,11 +186,7 @@ class LoadedTagger:
 def load_tagger_model(base: str, lora: str, dtype: str, device: str, antialias: bool) -> LoadedTagger:
     from ..pipelines.methods.dape import load_tagger
 
-    if dtype != "auto" and dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of auto, {', '.join(DTYPES)}; got {dtype!r}")
-    target = comfy_env.torch_device() if device == "auto" else resolve_device(device)
-    rest = comfy_env.offload_device() if device == "auto" else target
-    chosen = resolve_dtype("auto" if dtype == "auto" else DTYPES[dtype], target)
+    chosen, target, rest = placement(dtype, device)
     lora_path = None if lora == NO_LORA else comfy_env.resolve_tagger_file(lora)
     tagger = load_tagger(comfy_env.resolve_tagger_file(base), lora_path, dtype=chosen, device=rest, antialias=antialias)
     return LoadedTagger(tagger, target, rest)

@@ -9,6 +9,16 @@ from PIL import Image
 from safetensors.torch import load_file
 
 DATA = Path(__file__).parent / "data"
+# every node the pack registers, in registration order
+NODE_IDS = [
+    "OneStepSRModelLoader",
+    "OneStepSRPrompt",
+    "OneStepSRUpscale",
+    "OneStepSRTileSplit",
+    "OneStepSRTileStitch",
+    "OneStepSRTaggerLoader",
+    "OneStepSRPromptExtractor",
+]
 OSEDIFF_PARITY = DATA / "parity" / "osediff"
 
 

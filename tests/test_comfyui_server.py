@@ -19,21 +19,13 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from helpers import make_comfy_models
+from helpers import NODE_IDS, make_comfy_models
 from workflow_tools import WORKFLOWS, workflow_graphs
 
 COMFYUI = os.environ.get("COMFYUI_PATH")
 pytestmark = pytest.mark.skipif(not COMFYUI, reason="set COMFYUI_PATH to a ComfyUI checkout to run the server test")
 REPO = Path(__file__).resolve().parent.parent
-OUR_NODES = {
-    "OneStepSRModelLoader",
-    "OneStepSRPrompt",
-    "OneStepSRUpscale",
-    "OneStepSRTileSplit",
-    "OneStepSRTileStitch",
-    "OneStepSRTaggerLoader",
-    "OneStepSRPromptExtractor",
-}
+OUR_NODES = set(NODE_IDS)
 
 
 def comfy_python() -> str:

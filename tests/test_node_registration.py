@@ -9,6 +9,7 @@ import torch
 from onestep_sr.nodes import comfy_registration
 
 import comfy_harness
+from helpers import NODE_IDS
 
 
 @pytest.fixture
@@ -50,15 +51,7 @@ def test_v3_comfyui_gets_the_entrypoint_only(clean_modules, tmp_path):
     node_classes = asyncio.run(extension.get_node_list())
     from onestep_sr.nodes.sr_nodes import CATEGORY
 
-    assert [c.__name__ for c in node_classes] == [
-        "OneStepSRModelLoader",
-        "OneStepSRPrompt",
-        "OneStepSRUpscale",
-        "OneStepSRTileSplit",
-        "OneStepSRTileStitch",
-        "OneStepSRTaggerLoader",
-        "OneStepSRPromptExtractor",
-    ]
+    assert [c.__name__ for c in node_classes] == NODE_IDS
     for cls in node_classes:
         schema = cls.define_schema()
         assert schema.node_id == cls.__name__ and schema.category == CATEGORY and schema.description

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 import comfy_harness
-from helpers import DAPE_PARITY, OSEDIFF_PARITY, TADSR_PARITY, make_comfy_models
+from helpers import DAPE_PARITY, NODE_IDS, OSEDIFF_PARITY, TADSR_PARITY, make_comfy_models
 from workflow_tools import WORKFLOWS, build, ui_to_api, widget_values_by_name, workflow_graphs
 
 
@@ -72,15 +72,7 @@ def test_schemas_have_ids_categories_and_tooltips(comfy):
     from onestep_sr.nodes.sr_nodes import CATEGORY
 
     classes = comfy_harness.node_classes()
-    assert set(classes) == {
-        "OneStepSRModelLoader",
-        "OneStepSRPrompt",
-        "OneStepSRUpscale",
-        "OneStepSRTileSplit",
-        "OneStepSRTileStitch",
-        "OneStepSRTaggerLoader",
-        "OneStepSRPromptExtractor",
-    }
+    assert list(classes) == NODE_IDS
     for name, cls in classes.items():
         schema = cls.define_schema()
         assert schema.category == CATEGORY and schema.display_name and schema.description

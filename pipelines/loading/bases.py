@@ -177,6 +177,23 @@ def quiet_diffusers():
 # ---------------------------------------------------------------------------- VQGAN-f4 (ResShift family)
 
 
+# ResShift's released autoencoder_vq_f4.pth (ch 128, ch_mult [1, 2, 4], 8192 codes of 3 channels; 55,322,782
+# parameters), as a diffusers VQModel config: what a full-size model is built from without a file.
+RESSHIFT_VQ_F4_CONFIG = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D",) * 3,
+    up_block_types=("UpDecoderBlock2D",) * 3,
+    block_out_channels=(128, 256, 512),
+    layers_per_block=2,
+    latent_channels=3,
+    num_vq_embeddings=8192,
+    vq_embed_dim=3,
+    norm_num_groups=32,
+    scaling_factor=1.0,
+)
+
+
 def vq_config_from_ldm(state: dict[str, Any], path) -> dict[str, Any]:
     """diffusers `VQModel` config read from an LDM-layout VQGAN checkpoint's shapes."""
     try:

@@ -148,6 +148,54 @@ def run_tagger(config: str) -> dict:
     }
 
 
+def run_resshift(config: str, lq_side: int) -> dict:
+    """The full-size ResShift-family model (TAD-SR/SinSR: 118.6 M UNet + 55.3 M VQGAN-f4, random weights), one
+    step, LQ -> 4x. baseline: fp32, untiled; default: dtype "auto", tiling "auto"."""
+    import torch
+    from diffusers import VQModel
+
+    from onestep_sr import OneStepSRResShiftPipeline, ResShiftUNet, prepare_for_inference
+    from onestep_sr.pipelines.loading import resolve_dtype
+    from onestep_sr.pipelines.loading.bases import RESSHIFT_VQ_F4_CONFIG
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    dtype = torch.float32 if config == "baseline" else resolve_dtype("auto", torch.device("cpu"))
+    torch.manual_seed(0)
+    pipe = OneStepSRResShiftPipeline(vae=VQModel(**RESSHIFT_VQ_F4_CONFIG), unet=ResShiftUNet(), method="tadsr")
+    pipe = prepare_for_inference(pipe, torch.device("cpu"), dtype)
+    pipe.set_progress_bar_config(disable=True)
+    rss_models = peak_rss_gib()
+    y, x = torch.meshgrid(torch.linspace(0, 6, lq_side), torch.linspace(0, 6, lq_side), indexing="ij")
+    lq = torch.stack([torch.sin(x) * 0.4 + 0.5, torch.cos(y) * 0.4 + 0.5, torch.sin(x + y) * 0.2 + 0.5])
+    tiling = {} if config == "default" else {"tile_size": None, "vae_tile_size": None}
+    stamps = []
+    t0 = time.perf_counter()
+
+    def stamp(done: int, total: int) -> None:
+        stamps.append((done, time.perf_counter()))
+
+    generator = torch.Generator().manual_seed(0)
+    out = pipe(lq, upscale=4, output_type="pt", generator=generator, progress_callback=stamp, **tiling).images
+    total = time.perf_counter() - t0
+    assert out.shape[-1] == 4 * lq_side and torch.isfinite(out).all()
+    encode_s = stamps[0][1] - t0
+    decode_s = stamps[-1][1] - stamps[-2][1]
+    plan = pipe.plan_tiling((lq_side, lq_side), **tiling)
+    return {
+        "config": f"resshift-{config}",
+        "output": 4 * lq_side,
+        "dtype": str(dtype).replace("torch.", ""),
+        "denoiser_tile": plan.tile_size,
+        "vae_tile": plan.vae_tile_size,
+        "encode_s": round(encode_s, 2),
+        "denoise_s": round(total - encode_s - decode_s, 2),
+        "decode_s": round(decode_s, 2),
+        "total_s": round(total, 2),
+        "rss_models_gib": round(rss_models, 2),
+        "peak_rss_gib": round(peak_rss_gib(), 2),
+    }
+
+
 def vae_quality(out_side: int, vae_tile_size: int) -> dict:
     """Streamed vs untiled VAE (fp32, same random full-size VAE): PSNR of decode(encode(x))."""
     import math
@@ -205,11 +253,20 @@ def main() -> int:
     parser.add_argument("--no-tagger", action="store_true", help="skip the DAPE tagger rows")
     parser.add_argument("--out", type=Path, default=Path("bench_out"))
     parser.add_argument("--_tagger", nargs=1, help=argparse.SUPPRESS)
+    parser.add_argument("--_resshift", nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--resshift",
+        default="256:baseline,256:default,512:default",
+        help="ResShift-family rows as LQ_SIDE:CONFIG (LQ 256 -> 1024 px, 512 -> 2048 px); '' skips them",
+    )
     parser.add_argument("--_child", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--_quality", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args._child:
         print(json.dumps(run_config(args._child[0], int(args._child[1]))))
+        return 0
+    if args._resshift:
+        print(json.dumps(run_resshift(args._resshift[1], int(args._resshift[0]))))
         return 0
     if args._tagger:
         print(json.dumps(run_tagger(args._tagger[0])))
@@ -234,6 +291,11 @@ def main() -> int:
             row = {"config": config, "output": side, **child("--_child", config, side)}
             rows.append(row)
             print(json.dumps(row), file=sys.stderr, flush=True)
+    resshift = []
+    for item in [i for i in args.resshift.split(",") if i]:
+        side, config = item.split(":")
+        resshift.append({"config": f"resshift-{config}", "output": 4 * int(side), **child("--_resshift", side, config)})
+        print(json.dumps(resshift[-1]), file=sys.stderr, flush=True)
     taggers = [] if args.no_tagger else [child("--_tagger", config) for config in ("baseline", "default")]
     quality = [child("--_quality", side, 512) for side in [int(s) for s in args.quality_sizes.split(",") if s]]
 
@@ -265,6 +327,16 @@ def main() -> int:
         print(f"peak RSS 2048 / 1024 (default): {growth:.2f}x")
     for q in quality:
         print(f"VAE tiled vs untiled at {q.get('output')} px, tile {q.get('vae_tile')}: " + json.dumps(q))
+    if resshift:
+        print("\nTAD-SR / SinSR (ResShift family), full-size UNet + VQGAN-f4 random weights, one step, LQ x4\n")
+        print(header)
+        for r in resshift:
+            if "error" in r:
+                print(f"{r['config']:16} {r['output']:>6}  failed: {r['error']}")
+                continue
+            row = f"{r['config']:16} {r['output']:>6} {r['dtype']:>8} {r['denoiser_tile']!s:>5} {r['vae_tile']!s:>5} "
+            print(row + f"{r['encode_s']:>6.1f}s {r['denoise_s']:>7.1f}s {r['decode_s']:>6.1f}s {r['total_s']:>6.1f}s "
+                  f"{r['peak_rss_gib']:>7.2f}G")  # fmt: skip
     if taggers:
         print("\nDAPE/RAM tagger (Swin-L 384 + tagging head, random weights), one 512 px image per call\n")
         print(f"{'config':16} {'dtype':>8} {'params':>8} {'time':>7} {'peak RSS':>9}")
@@ -276,7 +348,10 @@ def main() -> int:
             print(f"{row} {t['peak_rss_gib']:>7.2f}G")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "benchmark_tiling.json").write_text(
-        json.dumps({"machine": machine, "rows": rows, "vae_quality": quality, "tagger": taggers}, indent=1)
+        json.dumps(
+            {"machine": machine, "rows": rows, "vae_quality": quality, "tagger": taggers, "resshift": resshift},
+            indent=1,
+        )
     )
     return 0
 
