@@ -123,6 +123,15 @@ def test_stages_match_the_official_intermediates(pipe, cases):
             decoded = pipe.vae.decode(case.t["z_q"], force_not_quantize=True).sample[..., : size[0], : size[1]]
             assert (decoded - case.t["decoded"]).abs().max() <= 1e-4, case.name
             assert torch.allclose(nearest_codes(case.t["pred_x0"], codebook), case.t["z_q"], atol=1e-6)
+            # row blocks (bounded memory on large images) give the same codes as one block
+            from onestep_sr.pipelines import pipeline_onestep_sr_resshift as module
+
+            one_block = nearest_codes(pred, codebook)
+            blocked, module.VQ_ROWS_PER_BLOCK = module.VQ_ROWS_PER_BLOCK, 100
+            try:
+                assert torch.equal(nearest_codes(pred, codebook), one_block)
+            finally:
+                module.VQ_ROWS_PER_BLOCK = blocked
 
 
 def test_output_through_the_public_api(pipe, cases):
