@@ -354,10 +354,7 @@ class OneStepSRBase(DiffusionPipeline, abc.ABC):
         posterior = vae_encode(self.vae, image.to(self.vae.dtype), plan)
         latents = posterior.mean
         if latent_sampling == "sample":
-            # Drawn as float32 on the generator's device, so a CPU generator seeded S gives
-            # exactly torch.manual_seed(S); torch.randn(shape), as the official code does.
-            gen_device = generator.device if generator is not None else torch.device("cpu")
-            noise = torch.randn(latents.shape, generator=generator, device=gen_device, dtype=torch.float32)
+            noise = self.randn(latents.shape, generator)
             latents = latents + posterior.std * noise.to(latents.device, latents.dtype)
         return self.to_model_latents(latents)
 
@@ -371,27 +368,47 @@ class OneStepSRBase(DiffusionPipeline, abc.ABC):
     ) -> torch.Tensor:
         """One denoiser evaluation (tile by tile, outputs blended), then x0 in closed form once."""
         plan = plan or TilingPlan.untiled(tuple(latents.shape[-2:]))
-        model = partial(self.model_output, cond=cond)
+        model_output = self.run_denoiser(partial(self.model_output, cond=cond), latents, plan, on_tile)
+        return self.predict_clean_latent(model_output, latents.float())
+
+    @staticmethod
+    def run_denoiser(model: Callable, latents: torch.Tensor, plan: TilingPlan, on_tile) -> torch.Tensor:
+        """model(latent tiles) over the plan's tiles, blended; out-of-memory halves the tile and retries."""
 
         def run(p: TilingPlan) -> torch.Tensor:
             return run_tiled(model, latents, p.tile_size, p.overlap, p.batch_size, p.blend, on_tile)
 
-        model_output = retry_on_oom(run, plan, halve_denoiser_tile, plan.device, "denoiser")
-        return self.predict_clean_latent(model_output, latents.float())
+        return retry_on_oom(run, plan, halve_denoiser_tile, plan.device, "denoiser")
 
     def decode(self, latents: torch.Tensor, plan: TilingPlan | None = None) -> torch.Tensor:
         """Denoiser latent -> image in [-1, 1]; fp16/bf16 overflow falls back to an fp32 decode."""
         plan = plan or TilingPlan.untiled()
-        latents = self.from_model_latents(latents)
-        image = vae_decode(self.vae, latents.to(self.vae.dtype), plan, self.vae_scale_factor)
+        latents = self.decoder_input(latents)
+        image = self._vae_decode(latents.to(self.vae.dtype), plan)
         if not torch.isfinite(image).all() and self.vae.dtype != torch.float32:
             dtype = self.vae.dtype
             self.vae.to(torch.float32)
             try:
-                image = vae_decode(self.vae, latents.float(), plan, self.vae_scale_factor)
+                image = self._vae_decode(latents.float(), plan)
             finally:
                 self.vae.to(dtype)
         return image.clamp(-1, 1)
+
+    vae_decode_kwargs: dict = {}  # extra arguments of the untiled vae.decode (VQ: force_not_quantize)
+
+    def _vae_decode(self, latents: torch.Tensor, plan: TilingPlan) -> torch.Tensor:
+        return vae_decode(self.vae, latents, plan, self.vae_scale_factor, self.channels_last, **self.vae_decode_kwargs)
+
+    def decoder_input(self, latents: torch.Tensor) -> torch.Tensor:
+        """What the VAE decodes (default: the denoiser latent unscaled)."""
+        return self.from_model_latents(latents)
+
+    @staticmethod
+    def randn(shape, generator: torch.Generator | None) -> torch.Tensor:
+        """float32 normal noise on the generator's device: a CPU generator seeded S gives exactly what
+        torch.manual_seed(S); torch.randn(shape) gives, as the official scripts draw it."""
+        device = generator.device if generator is not None else torch.device("cpu")
+        return torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
 
     def encode_prompt(
         self,

@@ -20,8 +20,7 @@ from diffusers import VQModel
 from .images import LQImage, pad_to_multiple, upsample_torch_bicubic
 from .models.resshift_unet import ResShiftUNet
 from .pipeline_base import Conditioning, OneStepSRBase
-from .tiling.denoiser import run_tiled
-from .tiling.plan import TilingPlan, halve_denoiser_tile, retry_on_oom, vae_decode, vq_encode
+from .tiling.plan import TilingPlan, vq_encode
 
 
 def sqrt_eta_schedule(steps: int, min_noise_level: float, kappa: float, etas_end: float, power: float,
@@ -159,13 +158,13 @@ class OneStepSRResShiftPipeline(OneStepSRBase):
     def encode(self, image, latent_sampling, generator, plan: TilingPlan | None = None) -> torch.Tensor:
         """z_y: the encoder + quant_conv output, not quantised (float32, as upstream computes x_T)."""
         plan = plan or TilingPlan.untiled()
-        return vq_encode(self.vae, image.to(self.vae.dtype), plan).float() * self.vae.config.scaling_factor
+        return self.to_model_latents(vq_encode(self.vae, image.to(self.vae.dtype), plan).float())
 
     def start_latents(self, latents: torch.Tensor, noise: torch.Tensor | None, generator) -> torch.Tensor:
         """x_T = z_y + fl32(kappa sqrt(eta_T)) eps; eps given, or one float32 draw on the generator's device
         (a CPU generator seeded S reproduces the official torch.manual_seed(S))."""
         if noise is None:
-            noise = self._randn(latents.shape, generator)
+            noise = self.randn(latents.shape, generator)
         elif tuple(noise.shape) != tuple(latents.shape):
             raise ValueError(f"noise must have the latent's shape {tuple(latents.shape)}, got {tuple(noise.shape)}")
         t = self.config.num_train_steps - 1
@@ -189,7 +188,7 @@ class OneStepSRResShiftPipeline(OneStepSRBase):
             eta32 = torch.tensor(etas[t], dtype=torch.float64).float()
             x_in = x / torch.sqrt(eta32 * kappa**2 + 1)
             x0 = self._predict_x0(x_in, t, cond.image, plan, on_tile)
-            noise = self._randn(x.shape, generator)  # drawn every step, also where unused (upstream's RNG stream)
+            noise = self.randn(x.shape, generator)  # drawn every step, also where unused (upstream's RNG stream)
             if self.config.num_inference_steps == 1:
                 return x0
             mean = self._f32(etas_prev / etas, t) * x + self._f32(alpha / etas, t) * x0
@@ -205,27 +204,13 @@ class OneStepSRResShiftPipeline(OneStepSRBase):
             steps = torch.full((tiles.shape[0],), t, dtype=torch.int64, device=tiles.device)
             return self.unet(tiles[:, :channels], steps, tiles[:, channels:]).float()
 
-        def run(p: TilingPlan) -> torch.Tensor:
-            return run_tiled(model, stacked, p.tile_size, p.overlap, p.batch_size, p.blend, on_tile)
+        return self.run_denoiser(model, stacked, plan, on_tile)
 
-        return retry_on_oom(run, plan, halve_denoiser_tile, plan.device, "denoiser")
+    vae_decode_kwargs = {"force_not_quantize": True}  # the latent is quantised by decoder_input, as upstream
 
-    def decode(self, latents: torch.Tensor, plan: TilingPlan | None = None) -> torch.Tensor:
-        """Nearest codes, then the VQ decoder (post_quant_conv included); clamped to [-1, 1] (cropped by __call__)."""
-        plan = plan or TilingPlan.untiled()
-        z = latents / self.vae.config.scaling_factor
-        z_q = nearest_codes(z, self.vae.quantize.embedding.weight)
-        image = vae_decode(
-            self.vae, z_q.to(self.vae.dtype), plan, self.vae_scale_factor, False, force_not_quantize=True
-        )
-        if not torch.isfinite(image).all() and self.vae.dtype != torch.float32:
-            dtype = self.vae.dtype
-            self.vae.to(torch.float32)
-            try:
-                image = vae_decode(self.vae, z_q.float(), plan, self.vae_scale_factor, False, force_not_quantize=True)
-            finally:
-                self.vae.to(dtype)
-        return image.clamp(-1, 1)
+    def decoder_input(self, latents: torch.Tensor) -> torch.Tensor:
+        """The nearest codes (then the VQ decoder, post_quant_conv included, runs in the shared decode)."""
+        return nearest_codes(self.from_model_latents(latents), self.vae.quantize.embedding.weight)
 
     # the base class's abstract hooks, for one model call outside the sampler
     def encode_text(self, prompt, device, dtype) -> Conditioning:
@@ -241,8 +226,3 @@ class OneStepSRResShiftPipeline(OneStepSRBase):
 
     def predict_clean_latent(self, model_output: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
         return model_output  # the UNet predicts x0 itself
-
-    @staticmethod
-    def _randn(shape, generator) -> torch.Tensor:
-        device = generator.device if generator is not None else torch.device("cpu")
-        return torch.randn(shape, generator=generator, device=device, dtype=torch.float32)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from ..loading.files import CheckpointError, WeightsProbe
@@ -164,11 +163,3 @@ def _unknown_weights_message(probe: WeightsProbe) -> str:
         )
     keys = ", ".join(list(probe.keys(path))[:8])
     return f"{path}: unknown SR weight format (first keys: {keys}). Supported:\n{supported}"
-
-
-def looks_like_folder_of(path: Path) -> Method | None:
-    """The folder method whose marker file is inside `path` (used by model lists)."""
-    for marker, method in folder_markers().items():
-        if (path / marker).is_file():
-            return method
-    return None

@@ -146,20 +146,12 @@ class TilingPlan:
     def denoiser_tiles(self) -> int:
         return count_tiles(*self.latent_hw, self.tile_size, self.overlap)
 
-    @property
-    def work_units(self) -> int:
-        """Progress steps: encode + each denoiser tile + decode."""
-        return 2 + self.denoiser_tiles
-
     def with_tile(self, tile: int | None) -> TilingPlan:
         if tile is not None:
             tile = max(self.tile_multiple, tile - tile % self.tile_multiple)
         if tile is not None and self.latent_hw[0] <= tile and self.latent_hw[1] <= tile:
             tile = None
         return dataclasses.replace(self, tile_size=tile)
-
-    def with_vae_tile(self, tile: int | None) -> TilingPlan:
-        return dataclasses.replace(self, vae_tile_size=tile)
 
 
 def plan_tiling(
