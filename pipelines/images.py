@@ -62,6 +62,35 @@ def load_images(image: Any) -> list[LQImage]:
     )
 
 
+def image_sizes(image: Any) -> list[tuple[int, int]] | None:
+    sizes = _shape_sizes(image)
+    return sizes if sizes and all(h > 0 and w > 0 for h, w in sizes) else None
+
+
+def _shape_sizes(image: Any) -> list[tuple[int, int]] | None:
+    """(height, width) of each image `load_images` would return, from shapes alone (nothing converted), so
+    hopeless sizes are refused before a large input is copied; None where the input is not understood (then
+    `load_images` gives the error)."""
+    if isinstance(image, (list, tuple)):
+        sizes = [_shape_sizes(item) for item in image]
+        return None if not sizes or any(s is None for s in sizes) else [hw for s in sizes for hw in s]
+    if isinstance(image, PIL.Image.Image):
+        return [(image.height, image.width)]
+    if isinstance(image, np.ndarray):
+        shape = image.shape
+        if image.ndim == 4:
+            return [tuple(shape[1:3])] * shape[0]
+        return [tuple(shape[:2])] if image.ndim in (2, 3) else None
+    if isinstance(image, torch.Tensor):
+        shape = tuple(image.shape)
+        if image.ndim == 4:
+            return [shape[2:4]] * shape[0]
+        if image.ndim == 3:
+            return [shape[1:3]]
+        return [shape] if image.ndim == 2 else None
+    return None
+
+
 def _from_pil(img: PIL.Image.Image) -> LQImage:
     if img.width < 1 or img.height < 1:
         raise ImageInputError(f"image has no pixels (size {img.size})")
@@ -159,10 +188,12 @@ def _hwc_to_nchw(arr: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32)).permute(2, 0, 1)[None].contiguous()
 
 
-def check_upscale(upscale: Any, image: LQImage) -> int:
+def check_upscale(upscale: Any, size: tuple[int, int]) -> int:
+    """The factor as an int, refused when it is not a positive integer or the (height, width) input would exceed
+    the largest output side."""
     if isinstance(upscale, bool) or not isinstance(upscale, (int, np.integer)) or upscale < 1:
         raise ValueError(f"upscale must be a positive integer, got {upscale!r}")
-    h, w = image.size
+    h, w = size
     if max(h, w) * upscale > MAX_OUTPUT_SIDE:
         raise ImageInputError(
             f"output would be {w * upscale}x{h * upscale} pixels; the largest side supported is {MAX_OUTPUT_SIDE}"

@@ -7,7 +7,9 @@ how latents are scaled, how the denoiser is conditioned and called, and how its 
 from __future__ import annotations
 
 import abc
+import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -17,12 +19,14 @@ from diffusers import DiffusionPipeline
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 
 from .color_fix import apply_color_fix
-from .images import LQImage, check_upscale, load_images, pad_to_multiple, postprocess
+from .images import LQImage, check_upscale, image_sizes, load_images, pad_to_multiple, postprocess
 from .methods.registry import Method, method_of
 from .options import COLOR_FIX_METHODS, GENERIC_DEFAULTS, LATENT_SAMPLING_MODES, OUTPUT_TYPES, TileDefaults
 from .tiling.denoiser import run_tiled
+from .tiling.memory import RunEstimate, VAEFacts, check_fits, estimate_run
 from .tiling.plan import (
     DenoiserFacts,
+    StageReport,
     TilingOptions,
     TilingPlan,
     halve_denoiser_tile,
@@ -30,7 +34,13 @@ from .tiling.plan import (
     retry_on_oom,
     vae_decode,
     vae_encode,
+    vae_units,
 )
+from .tiling.streamed_vae import needs_streaming
+
+
+class NonFiniteOutputError(RuntimeError):
+    """A stage (encode, denoise or decode) produced NaN/Inf values: never returned as an image."""
 
 
 @dataclass
@@ -65,19 +75,39 @@ class CallInputs:
     prompt_embeds: torch.Tensor | None
     pooled_prompt_embeds: torch.Tensor | None
     tiling: TilingOptions
+    plans: list[TilingPlan]
     use_tagger: bool
     noise: torch.Tensor | None = None
 
 
 class Progress:
-    """Drives the pipeline's progress bar and the user's callback; the callback may raise to cancel."""
+    """Drives the pipeline's progress bar and the user's callback; the callback may raise to cancel.
+
+    `advance` after each unit of work; `tick` inside long units (every VAE tile, every denoiser block) calls the
+    callback again with the same counts at most every `TICK_SECONDS`, so cancelling takes effect within about a
+    second of work in every stage.
+    """
+
+    TICK_SECONDS = 0.25
 
     def __init__(self, bar, total: int, callback: Callable[[int, int], None] | None):
         self.bar, self.total, self.callback, self.done = bar, total, callback, 0
+        self.last_call = time.monotonic()
 
     def advance(self, n: int = 1) -> None:
         self.done += n
         self.bar.update(n)
+        self._call()
+
+    def tick(self) -> None:
+        if self.callback is not None and time.monotonic() - self.last_call >= self.TICK_SECONDS:
+            self._call()
+
+    def stage(self, units: int) -> StageReport:
+        return StageReport(self.advance, self.tick, units)
+
+    def _call(self) -> None:
+        self.last_call = time.monotonic()
         if self.callback is not None:
             self.callback(self.done, self.total)
 
@@ -137,19 +167,22 @@ class OneStepSRBase(DiffusionPipeline, abc.ABC):
             pooled_prompt_embeds, tile_size, tile_overlap, tile_batch_size, vae_tile_size, blend, use_tagger, noise,
         )  # fmt: skip
         device = self._execution_device
-        plans = [self._plan_image(inputs.tiling, lq, inputs.upscale) for lq in inputs.images]
+        plans = inputs.plans
 
         results, used_prompts = [], []
-        total = sum(2 + self.denoiser_calls * p.denoiser_tiles for p in plans)
-        with self.progress_bar(total=total) as bar:
+        units = [
+            (self.vae_units(p, "encode"), self.denoiser_calls * p.denoiser_tiles, self.vae_units(p, "decode"))
+            for p in plans
+        ]
+        with self.progress_bar(total=sum(map(sum, units))) as bar:
             progress = Progress(bar, bar.total, progress_callback)
             for i, (lq, plan) in enumerate(zip(inputs.images, plans)):
                 # 1. Upsample to output size: the network itself never changes resolution.
                 lq_up = self.upsample(lq, inputs.upscale)
                 # 2. Pad to the latent grid (cropped away after decoding) and encode.
                 padded, (height, width) = self.model_input(lq, lq_up)
-                latents = self.encode(padded.to(device), inputs.latent_sampling, inputs.generators[i], plan)
-                progress.advance()
+                report = progress.stage(units[i][0])
+                latents = self.encode(padded.to(device), inputs.latent_sampling, inputs.generators[i], plan, report)
                 # 3. One denoising step from the LQ latent itself, tile by tile, conditioned on the prompt
                 #    (the tags of the image the VAE encodes, once per image, when there is a tagger).
                 tag = inputs.use_tagger and inputs.prompt_embeds is None
@@ -158,10 +191,10 @@ class OneStepSRBase(DiffusionPipeline, abc.ABC):
                 used_prompts.append(prompt_i if cond.from_text else None)
                 cond = self.condition_on_image(cond, lq, device)
                 latents = self.start_latents(latents, inputs.noise, inputs.generators[i])
-                clean = self.denoise(latents, cond, plan, on_tile=progress.advance, generator=inputs.generators[i])
+                with self.heartbeat(progress.tick):
+                    clean = self.denoise(latents, cond, plan, on_tile=progress.advance, generator=inputs.generators[i])
                 # 4. Decode, crop the padding, colour-correct.
-                decoded = self.decode(clean, plan)[..., :height, :width]
-                progress.advance()
+                decoded = self.decode(clean, plan, progress.stage(units[i][2]))[..., :height, :width]
                 sr = (decoded.float().cpu() * 0.5 + 0.5).clamp(0, 1)
                 sr = apply_color_fix(inputs.color_fix, sr, self.color_fix_source(inputs.color_fix, lq, lq_up))
                 if lq_up.alpha is not None:
@@ -204,10 +237,17 @@ class OneStepSRBase(DiffusionPipeline, abc.ABC):
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
         tiling = TilingOptions.validate(tile_size, tile_overlap, tile_batch_size, vae_tile_size, blend, self.defaults)
+        # sizes first, from shapes alone: a hopeless size is refused before a large input is converted
+        sizes = image_sizes(image)
+        if sizes is not None:
+            factor = self._check_factor(upscale, sizes)
+            plans = [self._plan(tiling, hw, factor) for hw in sizes]
+            self.check_memory(plans)
         images = load_images(image)
-        factors = {check_upscale(upscale, lq) for lq in images}
-        if self.fixed_upscale is not None and factors != {self.fixed_upscale}:
-            raise ValueError(f"{self.display_name} upscales by exactly {self.fixed_upscale}x (got upscale={upscale})")
+        factor = self._check_factor(upscale, [lq.size for lq in images])
+        if sizes != [lq.size for lq in images]:  # input not understood from its shape alone
+            plans = [self._plan(tiling, lq.size, factor) for lq in images]
+            self.check_memory(plans)
         prompts = self._per_image(prompt, len(images), "prompt")
         if not all(isinstance(p, str) for p in prompts):
             raise ValueError(f"prompt must be a string or a list of strings, got {prompt!r}")
@@ -223,13 +263,14 @@ class OneStepSRBase(DiffusionPipeline, abc.ABC):
             images=images,
             prompts=prompts,
             generators=self._per_image(generator, len(images), "generator"),
-            upscale=factors.pop(),
+            upscale=factor,
             color_fix=color_fix,
             latent_sampling=latent_sampling,
             output_type=output_type,
             prompt_embeds=prompt_embeds,
             pooled_prompt_embeds=pooled_prompt_embeds,
             tiling=tiling,
+            plans=plans,
             use_tagger=bool(use_tagger),
             noise=noise,
         )
@@ -262,10 +303,29 @@ class OneStepSRBase(DiffusionPipeline, abc.ABC):
         options = TilingOptions.validate(tile_size, tile_overlap, tile_batch_size, vae_tile_size, blend, self.defaults)
         return plan_tiling(options, latent_hw, self.denoiser_facts, self._execution_device, self.tile_multiple)
 
-    def _plan_image(self, options: TilingOptions, lq: LQImage, upscale: int) -> TilingPlan:
+    def _plan(self, options: TilingOptions, lq_hw: tuple[int, int], upscale: int) -> TilingPlan:
         return plan_tiling(
-            options, self.latent_size(lq.size, upscale), self.denoiser_facts, self._execution_device, self.tile_multiple
+            options, self.latent_size(lq_hw, upscale), self.denoiser_facts, self._execution_device, self.tile_multiple
         )
+
+    def _check_factor(self, upscale: Any, sizes: list[tuple[int, int]]) -> int:
+        factors = {check_upscale(upscale, hw) for hw in sizes}
+        if self.fixed_upscale is not None and factors != {self.fixed_upscale}:
+            raise ValueError(f"{self.display_name} upscales by exactly {self.fixed_upscale}x (got upscale={upscale})")
+        return factors.pop()
+
+    def estimate_memory(self, plan: TilingPlan) -> RunEstimate:
+        """Working memory of one image's run with this plan (bytes; the weights, already resident, not included).
+        The one estimate used to refuse runs up front and to ask ComfyUI for memory (see tiling/memory.py)."""
+        out_hw = tuple(n * self.vae_scale_factor for n in plan.latent_hw)
+        denoiser = self.denoiser_facts.tile_bytes(plan.tile_size or max(plan.latent_hw), plan.batch_size)
+        streamed = needs_streaming(*out_hw, plan.vae_tile_size)
+        return estimate_run(out_hw, VAEFacts.of(self.vae), streamed, denoiser)
+
+    def check_memory(self, plans: list[TilingPlan]) -> None:
+        """Refuse, before any work, an image whose estimated peak cannot fit in the device's free memory."""
+        for plan in plans:
+            check_fits(self.estimate_memory(plan), plan.device, self.display_name)
 
     def latent_size(self, lq_hw: tuple[int, int], upscale: int) -> tuple[int, int]:
         """The denoiser's latent size for an input of this size (the padded output over the VAE factor)."""
@@ -348,10 +408,11 @@ class OneStepSRBase(DiffusionPipeline, abc.ABC):
         latent_sampling: str,
         generator: torch.Generator | None,
         plan: TilingPlan | None = None,
+        report: StageReport | None = None,
     ) -> torch.Tensor:
         """[-1, 1] image -> the denoiser's latent (posterior mode, or one posterior draw)."""
         plan = plan or TilingPlan.untiled()
-        posterior = vae_encode(self.vae, image.to(self.vae.dtype), plan)
+        posterior = vae_encode(self.vae, image.to(self.vae.dtype), plan, report)
         latents = posterior.mean
         if latent_sampling == "sample":
             noise = self.randn(latents.shape, generator)
@@ -380,24 +441,64 @@ class OneStepSRBase(DiffusionPipeline, abc.ABC):
 
         return retry_on_oom(run, plan, halve_denoiser_tile, plan.device, "denoiser")
 
-    def decode(self, latents: torch.Tensor, plan: TilingPlan | None = None) -> torch.Tensor:
-        """Denoiser latent -> image in [-1, 1]; fp16/bf16 overflow falls back to an fp32 decode."""
+    def decode(
+        self, latents: torch.Tensor, plan: TilingPlan | None = None, report: StageReport | None = None
+    ) -> torch.Tensor:
+        """Denoiser latent -> image in [-1, 1]; fp16/bf16 overflow falls back to an fp32 decode. Still non-finite
+        (a NaN latent from the denoiser, or a broken VAE): a clear error naming the stage, never a NaN image."""
         plan = plan or TilingPlan.untiled()
+        if not torch.isfinite(latents).all():
+            raise NonFiniteOutputError(
+                f"{self.display_name}: the denoiser produced non-finite latents (NaN/Inf) before decoding; "
+                + self._non_finite_hint()
+            )
         latents = self.decoder_input(latents)
-        image = self._vae_decode(latents.to(self.vae.dtype), plan)
+        image = self._vae_decode(latents.to(self.vae.dtype), plan, report)
         if not torch.isfinite(image).all() and self.vae.dtype != torch.float32:
             dtype = self.vae.dtype
             self.vae.to(torch.float32)
             try:
-                image = self._vae_decode(latents.float(), plan)
+                image = self._vae_decode(latents.float(), plan, None)
             finally:
                 self.vae.to(dtype)
+        if not torch.isfinite(image).all():
+            raise NonFiniteOutputError(
+                f"{self.display_name}: the VAE decode produced non-finite pixels (NaN/Inf) even in fp32; "
+                + self._non_finite_hint()
+            )
         return image.clamp(-1, 1)
+
+    def _non_finite_hint(self) -> str:
+        return "the weights are probably damaged or do not belong together (check the base and SR weight files)"
 
     vae_decode_kwargs: dict = {}  # extra arguments of the untiled vae.decode (VQ: force_not_quantize)
 
-    def _vae_decode(self, latents: torch.Tensor, plan: TilingPlan) -> torch.Tensor:
-        return vae_decode(self.vae, latents, plan, self.vae_scale_factor, self.channels_last, **self.vae_decode_kwargs)
+    def _vae_decode(self, latents: torch.Tensor, plan: TilingPlan, report: StageReport | None) -> torch.Tensor:
+        return vae_decode(
+            self.vae, latents, plan, self.vae_scale_factor, self.channels_last, report, **self.vae_decode_kwargs
+        )
+
+    def vae_units(self, plan: TilingPlan, stage: str) -> int:
+        """Progress units of the VAE encode or decode of an image with this plan."""
+        return vae_units(self.vae, tuple(n * self.vae_scale_factor for n in plan.latent_hw), plan, stage)
+
+    @property
+    def denoiser_module(self) -> torch.nn.Module | None:
+        return getattr(self, "unet", None) or getattr(self, "transformer", None)
+
+    @contextmanager
+    def heartbeat(self, tick: Callable[[], None]):
+        """Call `tick` after every block of the denoiser while inside (cancellation within a tile)."""
+        module, handles = self.denoiser_module, []
+        if module is not None:
+            for child in module.children():
+                blocks = child if isinstance(child, torch.nn.ModuleList) else [child]
+                handles += [b.register_forward_hook(lambda *_: tick()) for b in blocks]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
 
     def decoder_input(self, latents: torch.Tensor) -> torch.Tensor:
         """What the VAE decodes (default: the denoiser latent unscaled)."""

@@ -155,10 +155,10 @@ class OneStepSRResShiftPipeline(OneStepSRBase):
     def condition_on_image(self, cond: Conditioning, lq: LQImage, device: torch.device) -> Conditioning:
         return Conditioning(None, image=self._padded_lr(lq).to(device))
 
-    def encode(self, image, latent_sampling, generator, plan: TilingPlan | None = None) -> torch.Tensor:
+    def encode(self, image, latent_sampling, generator, plan: TilingPlan | None = None, report=None) -> torch.Tensor:
         """z_y: the encoder + quant_conv output, not quantised (float32, as upstream computes x_T)."""
         plan = plan or TilingPlan.untiled()
-        return self.to_model_latents(vq_encode(self.vae, image.to(self.vae.dtype), plan).float())
+        return self.to_model_latents(vq_encode(self.vae, image.to(self.vae.dtype), plan, report).float())
 
     def start_latents(self, latents: torch.Tensor, noise: torch.Tensor | None, generator) -> torch.Tensor:
         """x_T = z_y + fl32(kappa sqrt(eta_T)) eps; eps given, or one float32 draw on the generator's device

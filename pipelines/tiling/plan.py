@@ -25,6 +25,7 @@ from ..options import (
     TileDefaults,
 )
 from .denoiser import count_tiles
+from .memory import available_memory
 from .streamed_vae import needs_streaming, streamed_vae
 
 logger = logging.getLogger(__name__)
@@ -43,26 +44,6 @@ def is_out_of_memory(err: BaseException) -> bool:
         return True
     text = str(err)
     return isinstance(err, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
-
-
-def available_memory(device: torch.device) -> int:
-    """Bytes free for work: CUDA free memory, or the OS's available RAM."""
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return int(free)
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        import psutil
-
-        return int(psutil.virtual_memory().available)
-    except ImportError:  # pragma: no cover
-        return 8 << 30
 
 
 @dataclass(frozen=True)
@@ -214,37 +195,91 @@ def halve_denoiser_tile(plan: TilingPlan) -> TilingPlan | None:
     return plan.with_tile(smaller)
 
 
-def vae_encode(vae, image: torch.Tensor, plan: TilingPlan):
+class StageReport:
+    """Progress of one VAE stage worth `units` progress units: `tick` is a cancellation point (after every
+    tile), `fraction` moves the bar; `finish` completes the stage's units whatever path ran."""
+
+    def __init__(self, advance: Callable[[int], None] | None = None, tick: Callable[[], None] | None = None, units=1):
+        self.advance, self.tick, self.units, self.reported = advance, tick or _nothing, units, 0
+
+    def fraction(self, done: float) -> None:
+        target = min(self.units, int(self.units * done))
+        if target > self.reported and self.advance is not None:
+            self.advance(target - self.reported)
+            self.reported = target
+        self.tick()
+
+    def finish(self) -> None:
+        self.fraction(1.0)
+
+
+def vae_units(vae, image_hw: tuple[int, int], plan: TilingPlan, stage: str) -> int:
+    """Progress units of a VAE stage: one per layer when the VAE is streamed (see StreamedVAE.layer_count)."""
+    if not needs_streaming(*image_hw, plan.vae_tile_size):
+        return 1
+    return streamed_vae(vae, plan.vae_tile_size).layer_count(stage)
+
+
+def vae_encode(vae, image: torch.Tensor, plan: TilingPlan, report: StageReport | None = None):
     """The VAE posterior of an image, streamed in tiles when it is larger than the plan's VAE tile."""
     image = image.contiguous(memory_format=torch.channels_last)  # matches the weights: ~10% faster on CPU
-    return _run_vae(plan, image.shape[-2:], lambda: vae.encode(image).latent_dist, lambda s: s.encode(image), vae)
+    return _run_vae(
+        plan, image.shape[-2:], lambda: vae.encode(image).latent_dist, lambda s: s.encode(image), vae, "encode", report
+    )
 
 
-def vq_encode(vae, image: torch.Tensor, plan: TilingPlan) -> torch.Tensor:
+def vq_encode(vae, image: torch.Tensor, plan: TilingPlan, report: StageReport | None = None) -> torch.Tensor:
     """A VQ model's latent (encoder + quant_conv, not quantised), streamed like `vae_encode`. Kept in the default
     memory format: the VQ argmin is fragile and channels-last reorders the encoder's sums (measured 2e-4)."""
     image = image.contiguous()
-    return _run_vae(plan, image.shape[-2:], lambda: vae.encode(image).latents, lambda s: s.encode_moments(image), vae)
+    untiled, streamed = lambda: vae.encode(image).latents, lambda s: s.encode_moments(image)
+    return _run_vae(plan, image.shape[-2:], untiled, streamed, vae, "encode", report)
 
 
 def vae_decode(
-    vae, latents: torch.Tensor, plan: TilingPlan, scale_factor: int, channels_last: bool = True, **decode_kwargs
+    vae,
+    latents: torch.Tensor,
+    plan: TilingPlan,
+    scale_factor: int,
+    channels_last: bool = True,
+    report: StageReport | None = None,
+    **decode_kwargs,
 ) -> torch.Tensor:
     """decode_kwargs go to the untiled `vae.decode` (e.g. force_not_quantize=True for already quantised latents)."""
     latents = latents.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     size = tuple(n * scale_factor for n in latents.shape[-2:])
-    return _run_vae(plan, size, lambda: vae.decode(latents, **decode_kwargs).sample, lambda s: s.decode(latents), vae)
+    untiled, streamed = lambda: vae.decode(latents, **decode_kwargs).sample, lambda s: s.decode(latents)
+    return _run_vae(plan, size, untiled, streamed, vae, "decode", report)
 
 
-def _run_vae(plan: TilingPlan, image_hw, untiled: Callable, streamed: Callable, vae):
+def _run_vae(plan: TilingPlan, image_hw, untiled: Callable, streamed: Callable, vae, stage: str, report):
+    report = report or StageReport()
+
     def attempt(tile: int | None):
-        return untiled() if not needs_streaming(*image_hw, tile) else streamed(streamed_vae(vae, tile))
+        if not needs_streaming(*image_hw, tile):
+            return untiled()
+        runner = streamed_vae(vae, tile, on_tile=report.tick)
+        count, done = runner.layer_count(stage), 0
+
+        def on_layer() -> None:
+            nonlocal done
+            done += 1
+            report.fraction(done / count)
+
+        runner.on_layer = on_layer
+        return streamed(runner)
 
     def shrink(tile: int | None) -> int | None:
         smaller = (max(image_hw) if tile is None else tile) // 2
         return None if smaller < MIN_VAE_TILE_SIZE else smaller
 
-    return retry_on_oom(attempt, plan.vae_tile_size, shrink, plan.device, "VAE")
+    out = retry_on_oom(attempt, plan.vae_tile_size, shrink, plan.device, "VAE")
+    report.finish()
+    return out
+
+
+def _nothing() -> None:
+    pass
 
 
 def _is_int(value: Any) -> bool:

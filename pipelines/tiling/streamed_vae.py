@@ -47,6 +47,8 @@ class StreamedVAE:
         attention_pad: int,
         global_attention_tokens: int = 0,
         per_tile_stats: bool = False,
+        on_tile: Callable[[], None] | None = None,
+        on_layer: Callable[[], None] | None = None,
     ):
         self.vae = vae
         self.tile = max(8, int(tile_size))
@@ -55,6 +57,26 @@ class StreamedVAE:
         self.global_attention_tokens = int(global_attention_tokens)
         # Only for tests that document why global statistics are needed; never used in production.
         self.per_tile_stats = per_tile_stats
+        # Progress and cancellation: on_tile after every tile of every layer (a fraction of a second of work;
+        # it may raise to cancel), on_layer after each of the `layer_count` layers of a pass.
+        self.on_tile = on_tile or _nothing
+        self.on_layer = on_layer or _nothing
+
+    def layer_count(self, stage: str) -> int:
+        """How many times `on_layer` fires in `encode` ("encode") or `decode` ("decode")."""
+        if stage == "encode":
+            enc = self.vae.encoder
+            down = sum(len(b.resnets) + (b.downsamplers is not None) for b in enc.down_blocks)
+            return 2 + down + _mid_layers(enc.mid_block) + (self.vae.quant_conv is not None)
+        if stage == "decode":
+            dec = self.vae.decoder
+            up = sum(len(b.resnets) + (b.upsamplers is not None) for b in dec.up_blocks)
+            return 2 + up + _mid_layers(dec.mid_block) + (self.vae.post_quant_conv is not None)
+        raise ValueError(f"stage must be 'encode' or 'decode', got {stage!r}")
+
+    def layer(self, out):
+        self.on_layer()
+        return out
 
     # ------------------------------------------------------------------ public
 
@@ -65,35 +87,36 @@ class StreamedVAE:
     @torch.no_grad()
     def encode_moments(self, image: torch.Tensor) -> torch.Tensor:
         """The encoder + quant_conv output itself (a VQ model's latent; a KL model's mean and log-variance)."""
-        enc = self.vae.encoder
-        x = self.conv(enc.conv_in, image)
+        enc, layer = self.vae.encoder, self.layer
+        x = layer(self.conv(enc.conv_in, image))
         for block in enc.down_blocks:
             for resnet in block.resnets:
-                x = self.resnet(resnet, x)
+                x = layer(self.resnet(resnet, x))
             if block.downsamplers is not None:
-                x = self.downsample(block.downsamplers[0], x)
+                x = layer(self.downsample(block.downsamplers[0], x))
         x = self.mid_block(enc.mid_block, x)
-        x = self.conv(enc.conv_out, x, pre=self.norm_act(enc.conv_norm_out, enc.conv_act, x))
+        x = layer(self.conv(enc.conv_out, x, pre=self.norm_act(enc.conv_norm_out, enc.conv_act, x)))
         if self.vae.quant_conv is not None:
-            x = self.conv(self.vae.quant_conv, x)
+            x = layer(self.conv(self.vae.quant_conv, x))
         return x
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        dec = self.vae.decoder
+        dec, layer = self.vae.decoder, self.layer
         x = latents
         if self.vae.post_quant_conv is not None:
-            x = self.conv(self.vae.post_quant_conv, x)
-        x = self.conv(dec.conv_in, x)
+            x = layer(self.conv(self.vae.post_quant_conv, x))
+        x = layer(self.conv(dec.conv_in, x))
         x = self.mid_block(dec.mid_block, x)
         for block in dec.up_blocks:
             for resnet in block.resnets:
-                x = self.resnet(resnet, x)
+                x = layer(self.resnet(resnet, x))
             if block.upsamplers is not None:
                 x = UpsampledMap(block.upsamplers[0], x)
                 if x.nbytes <= LAZY_UPSAMPLE_BYTES:  # small enough: store it rather than recompute it
                     x = self.materialize(x)
-        return self.conv(dec.conv_out, x, pre=self.norm_act(dec.conv_norm_out, dec.conv_act, x))
+                self.on_layer()
+        return layer(self.conv(dec.conv_out, x, pre=self.norm_act(dec.conv_norm_out, dec.conv_act, x)))
 
     # ------------------------------------------------------------------ blocks
 
@@ -123,11 +146,11 @@ class StreamedVAE:
         return out
 
     def mid_block(self, block, x: torch.Tensor) -> torch.Tensor:
-        x = self.resnet(block.resnets[0], x)
+        x = self.layer(self.resnet(block.resnets[0], x))
         for attention, resnet in zip(block.attentions, block.resnets[1:]):
             if attention is not None:
-                x = self.attention(attention, x)
-            x = self.resnet(resnet, x)
+                x = self.layer(self.attention(attention, x))
+            x = self.layer(self.resnet(resnet, x))
         return x
 
     def attention(self, attn, x: torch.Tensor) -> torch.Tensor:
@@ -154,6 +177,7 @@ class StreamedVAE:
             else:
                 region.copy_(o)
             region.div_(attn.rescale_output_factor)
+            self.on_tile()
         return out
 
     def downsample(self, down, x: torch.Tensor) -> torch.Tensor:
@@ -167,12 +191,14 @@ class StreamedVAE:
             region = x[..., 2 * r0 : a1, 2 * c0 : b1]
             region = F.pad(region, (0, 2 * c1 + 1 - b1, 0, 2 * r1 + 1 - a1))
             out[..., r0:r1, c0:c1] = conv(region)
+            self.on_tile()
         return out
 
     def materialize(self, lazy: UpsampledMap) -> torch.Tensor:
         out = _empty_map(lazy, lazy.shape[1], *lazy.shape[-2:])
         for r0, r1, c0, c1 in tiles(*lazy.shape[-2:], self.tile):
             out[..., r0:r1, c0:c1] = lazy[..., r0:r1, c0:c1]
+            self.on_tile()
         return out
 
     # ------------------------------------------------------------------ primitives
@@ -208,6 +234,7 @@ class StreamedVAE:
             if residual is not None:
                 y = y + residual(r0, r1, c0, c1)
             out[..., r0:r1, c0:c1] = y
+            self.on_tile()
         return out
 
     def norm_act(self, norm: nn.GroupNorm, act: Callable | None, x: torch.Tensor) -> Callable:
@@ -310,6 +337,14 @@ def group_statistics(x: torch.Tensor, groups: int, eps: float, rows: int) -> tup
     return mean, torch.rsqrt(m2 / count + eps)
 
 
+def _nothing() -> None:
+    pass
+
+
+def _mid_layers(block) -> int:
+    return len(block.resnets) + sum(a is not None for a in block.attentions)
+
+
 def _empty_map(like, channels: int, height: int, width: int) -> torch.Tensor:
     # channels-last, like the conv outputs written into it (the weights are channels-last for speed)
     return torch.empty(
@@ -330,13 +365,15 @@ LAZY_UPSAMPLE_BYTES = 1 << 30
 ATTENTION_TILE, ATTENTION_PAD = 128, 32
 
 
-def streamed_vae(vae, vae_tile_size: int) -> StreamedVAE:
+def streamed_vae(vae, vae_tile_size: int, on_tile=None, on_layer=None) -> StreamedVAE:
     return StreamedVAE(
         vae,
         tile_size=vae_tile_size,
         attention_tile=ATTENTION_TILE,
         attention_pad=ATTENTION_PAD,
         global_attention_tokens=GLOBAL_ATTENTION_TOKENS,
+        on_tile=on_tile,
+        on_layer=on_layer,
     )
 
 

@@ -1,0 +1,387 @@
+"""What every load checks before anything runs, in one place.
+
+Weight files, single-file bases, official formats, diffusers folders, converted folders and every
+`from_pretrained` go through these checks, so a crafted or damaged file ends in one `CheckpointError`
+naming the file, what was wrong and what is expected, instead of a random layer, a NaN image or an
+allocator error from deep inside torch:
+
+- tensors: floating point (fp32/fp16/bf16) and finite; the only integer tensors accepted are the
+  index buffers official checkpoints carry beside their weights (never loaded as weights);
+- diffusers/transformers component folders, read from their safetensors headers before any weight is
+  allocated: every expected key present, no unexpected key, every shape as the config implies, config
+  values in sane ranges, the weights' size against the memory free for them; pickle-based `.bin`
+  components are refused (safetensors only);
+- pipeline folders: `model_index.json` names only known components of known libraries (no custom
+  code is ever imported), each resolved inside the folder (no absolute or `..` names, no symlink out).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import os
+import re
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .files import CheckpointError
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+# Integer buffers that official checkpoints store beside the weights (recomputed or ignored at load).
+INDEX_BUFFER_SUFFIXES = ("relative_position_index", "position_ids")
+# Config integers whose name says they size a layer: beyond this they are a crafted or broken config.
+SIZE_KEY = re.compile(r"(channels|_dim$|dims|layers|heads|_size$|embeddings|groups|vocab)")
+MAX_CONFIG_SIZE = 1 << 20
+MAX_TRAIN_TIMESTEPS = 100_000
+MAX_TOKENIZER_LENGTH = 1 << 16
+# Where model_index.json may point: these libraries, and this package's own component classes.
+ALLOWED_LIBRARIES = ("diffusers", "transformers")
+OWN_LIBRARY = "onestep_sr"
+WEIGHT_FILE_NAMES = ("diffusion_pytorch_model", "model")
+PICKLE_COMPONENT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+# ---------------------------------------------------------------------------- tensors
+
+
+def check_tensors(state: Any, source: Any, prefix: str = "") -> None:
+    """Every tensor in a (nested) state: floating point of a supported dtype, and finite."""
+    if isinstance(state, torch.Tensor):
+        check_tensor(prefix or "<tensor>", state, source)
+    elif isinstance(state, Mapping):
+        for key, value in state.items():
+            check_tensors(value, source, f"{prefix}.{key}" if prefix else str(key))
+    elif isinstance(state, (list, tuple)):
+        for i, value in enumerate(state):
+            check_tensors(value, source, f"{prefix}[{i}]")
+
+
+def check_tensor(key: str, tensor: torch.Tensor, source: Any) -> None:
+    if not tensor.is_floating_point():
+        if key.endswith(INDEX_BUFFER_SUFFIXES) and not tensor.is_complex():
+            return
+        raise CheckpointError(
+            f"{source}: {key!r} is stored as {_dtype_name(tensor.dtype)}; weights must be floating point "
+            "(fp32, fp16 or bf16). The file is damaged or not a model checkpoint."
+        )
+    if tensor.dtype not in FLOAT_DTYPES:
+        raise CheckpointError(
+            f"{source}: {key!r} is stored as {_dtype_name(tensor.dtype)}; supported weight dtypes are fp32, fp16 "
+            "and bf16 (no method here supports fp8 or fp64 storage). Re-save it in one of those."
+        )
+    if tensor.numel() and not bool(torch.isfinite(tensor).all()):
+        bad = int((~torch.isfinite(tensor)).sum())
+        raise CheckpointError(
+            f"{source}: {key!r} holds {bad} non-finite value(s) (NaN or Inf) of {tensor.numel()}; "
+            "the weights are corrupted (or were saved after a diverged training run)"
+        )
+
+
+def check_module_weights(module: torch.nn.Module, source: Any) -> None:
+    """Every floating parameter and buffer of a loaded module is finite (folders diffusers/transformers read)."""
+    for key, tensor in module.state_dict(keep_vars=False).items():
+        if tensor.device.type == "meta":
+            raise CheckpointError(f"{source}: {key!r} was never loaded (the file lacks it)")
+        if tensor.is_floating_point() and tensor.numel() and not bool(torch.isfinite(tensor).all()):
+            raise CheckpointError(
+                f"{source}: {key!r} holds non-finite values (NaN or Inf) after loading; the weights are corrupted"
+            )
+
+
+def check_pipeline_weights(pipe: Any, source: Any) -> None:
+    for name, component in pipe.components.items():
+        if isinstance(component, torch.nn.Module):
+            check_module_weights(component, f"{source} ({name})")
+
+
+# ---------------------------------------------------------------------------- paths
+
+
+def inside(root: Path, name: str | os.PathLike, what: str = "component") -> Path:
+    """root / name, refused unless it stays inside root (no absolute path, no '..', no symlink pointing out)."""
+    text = os.fspath(name)
+    if not text or os.path.isabs(text) or any(part == ".." for part in re.split(r"[\\/]", text)):
+        raise CheckpointError(f"{root}: {what} {text!r} points outside the folder; only names inside it are allowed")
+    path = root / text
+    real_root = root.resolve()
+    if not path.resolve().is_relative_to(real_root):
+        raise CheckpointError(
+            f"{root}: {what} {text!r} resolves to {path.resolve()}, outside the folder (a symlink?); "
+            "copy the files into the folder instead"
+        )
+    return path
+
+
+def check_files_inside(root: Path, folder: Path) -> None:
+    real_root = root.resolve()
+    for path in folder.rglob("*"):
+        if not path.resolve().is_relative_to(real_root):
+            raise CheckpointError(f"{path}: a symlink pointing outside {root} ({path.resolve()}); refused")
+
+
+# ---------------------------------------------------------------------------- configs
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as err:
+        raise CheckpointError(f"{path}: missing") from err
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{path}: not a readable JSON file: {err}") from err
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, found {type(data).__name__}")
+    return data
+
+
+def check_config(config: Mapping[str, Any], source: Any) -> None:
+    """Sizes, scaling factors and timestep counts in ranges a real model has."""
+    for key, value in config.items():
+        if key.startswith("_"):
+            continue
+        values = value if isinstance(value, (list, tuple)) else [value]
+        if SIZE_KEY.search(key):
+            for v in values:
+                if isinstance(v, bool) or not isinstance(v, (int, float)) or v is None:
+                    continue
+                if not (0 <= v <= MAX_CONFIG_SIZE):
+                    raise CheckpointError(
+                        f"{source}: config {key}={value!r} is out of range (expected 0..{MAX_CONFIG_SIZE}); "
+                        "the config is damaged or crafted"
+                    )
+        if key in ("scaling_factor", "shift_factor") and value is not None:
+            ok = isinstance(value, (int, float)) and math.isfinite(value)
+            if key == "scaling_factor":
+                ok = ok and value > 0
+            if not ok:
+                raise CheckpointError(
+                    f"{source}: config {key}={value!r}; expected a finite number"
+                    + (" > 0 (latents are divided by it)" if key == "scaling_factor" else "")
+                )
+        if key == "num_train_timesteps" and not (_is_int(value) and 1 <= value <= MAX_TRAIN_TIMESTEPS):
+            raise CheckpointError(f"{source}: config num_train_timesteps={value!r}; expected 1..{MAX_TRAIN_TIMESTEPS}")
+        if key == "model_max_length" and not (_is_int(value) and 1 <= value <= MAX_TOKENIZER_LENGTH):
+            raise CheckpointError(f"{source}: tokenizer model_max_length={value!r}; expected 1..{MAX_TOKENIZER_LENGTH}")
+
+
+def check_timestep(value: Any, low: float, high: float, source: Any, inclusive_high: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and low <= value and (value <= high if inclusive_high else value < high)
+    if not ok:
+        bracket = "]" if inclusive_high else ")"
+        raise CheckpointError(f"{source}: timestep {value!r} is outside the scheduler's range [{low}, {high}{bracket}")
+
+
+# ---------------------------------------------------------------------------- component folders
+
+
+def safetensors_header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """key -> (dtype name, shape) from a safetensors header, without reading any tensor."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            return {k: (f.get_slice(k).get_dtype(), tuple(f.get_slice(k).get_shape())) for k in f.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise CheckpointError(f"{path}: not a readable safetensors file (truncated or corrupted?): {err}") from err
+
+
+def component_weight_files(folder: Path) -> list[Path]:
+    """The safetensors file(s) of a component folder (sharded: every shard of the index); pickles refused."""
+    for stem in WEIGHT_FILE_NAMES:
+        single = folder / f"{stem}.safetensors"
+        if single.is_file():
+            return [single]
+        index = folder / f"{stem}.safetensors.index.json"
+        if index.is_file():
+            weight_map = read_json(index).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise CheckpointError(f"{index}: no 'weight_map' object")
+            return [inside(folder, shard, "shard") for shard in sorted(set(map(str, weight_map.values())))]
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in PICKLE_COMPONENT_SUFFIXES)
+    if pickles:
+        raise CheckpointError(
+            f"{folder}: weights only in pickle format ({', '.join(pickles)}); pickled components are refused "
+            "because unpickling can run code. Convert the folder to safetensors (e.g. load it once in a trusted "
+            "environment and save_pretrained(..., safe_serialization=True))."
+        )
+    raise CheckpointError(f"{folder}: no weights (expected {WEIGHT_FILE_NAMES[0]}.safetensors or model.safetensors)")
+
+
+def check_model_folder(
+    folder: Path, model_cls: type, root: Path | None = None, dtype: torch.dtype | None = None
+) -> None:
+    """A diffusers/transformers model folder, checked from its config and safetensors headers only."""
+    root = root or folder
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: missing (expected a {model_cls.__name__} folder)")
+    check_files_inside(root, folder)
+    config = read_json(folder / "config.json")
+    check_config(config, folder / "config.json")
+    files = component_weight_files(folder)
+    found: dict[str, tuple[str, tuple[int, ...]]] = {}
+    for path in files:
+        for key, (dtype_name, shape) in safetensors_header(path).items():
+            if dtype_name not in SAFETENSORS_DTYPES and not key.endswith(INDEX_BUFFER_SUFFIXES):
+                raise CheckpointError(
+                    f"{path}: {key!r} is stored as {dtype_name}; weights must be fp32, fp16 or bf16 (F32/F16/BF16)"
+                )
+            found[key] = (dtype_name, shape)
+    expected = expected_state(model_cls, config, folder)
+    ignore_unexpected = _patterns(model_cls, "_keys_to_ignore_on_load_unexpected")
+    optional = _patterns(model_cls, "_keys_to_ignore_on_load_missing") + _tied_keys(model_cls)
+    missing = [k for k in expected if k not in found and not _matches(k, optional)]
+    unexpected = [k for k in found if k not in expected and not _matches(k, ignore_unexpected)]
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} weight(s): {_few(missing)}")
+        if unexpected:
+            parts.append(f"unexpected {len(unexpected)} weight(s): {_few(unexpected)}")
+        raise CheckpointError(
+            f"{folder}: the weights do not match its config.json ({'; '.join(parts)}); a {model_cls.__name__} "
+            "needs every weight its config implies and no others (a missing one would be randomly initialised)"
+        )
+    wrong = [(k, found[k][1], s) for k, s in expected.items() if k in found and tuple(found[k][1]) != s]
+    if wrong:
+        k, got, want = wrong[0]
+        raise CheckpointError(
+            f"{folder}: {len(wrong)} weight shape(s) differ from what config.json implies, e.g. {k!r} is {got}, "
+            f"expected {want}"
+        )
+    check_weights_fit(folder, files, dtype)
+
+
+def expected_state(model_cls: type, config: dict[str, Any], folder: Path) -> dict[str, tuple[int, ...]]:
+    """key -> shape of the model the config describes, built on the meta device (nothing allocated)."""
+    try:
+        with torch.device("meta"):
+            if hasattr(model_cls, "from_config") and not hasattr(model_cls, "config_class"):
+                model = model_cls.from_config(config)
+            else:  # transformers
+                config_obj = model_cls.config_class.from_dict(config)
+                model = model_cls._from_config(config_obj)
+    except CheckpointError:
+        raise
+    except Exception as err:  # any failure to build from the config is the config's fault
+        raise CheckpointError(f"{folder}/config.json: does not describe a valid {model_cls.__name__}: {err}") from err
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def check_weights_fit(folder: Path, files: Iterable[Path], dtype: torch.dtype | None) -> None:
+    """The weights' size at the target dtype against the memory free for them (before allocating)."""
+    from ..tiling.memory import available_memory, format_bytes
+
+    size = 0
+    for path in files:
+        for dtype_name, shape in safetensors_header(path).values():
+            itemsize = (dtype or SAFETENSORS_DTYPES.get(dtype_name, torch.float32)).itemsize
+            size += math.prod(shape) * itemsize
+    free = available_memory(torch.device("cpu"))
+    if size > free:
+        raise CheckpointError(
+            f"{folder}: its weights need {format_bytes(size)} but only {format_bytes(free)} of memory is available; "
+            "load in a smaller dtype (bf16/fp16), close other programs, or use a machine with more memory"
+        )
+
+
+# ---------------------------------------------------------------------------- pipeline folders
+
+
+def check_pipeline_folder(folder: str | os.PathLike, pipeline_cls: type) -> Path:
+    """A `from_pretrained` folder of one of our pipelines, checked before diffusers reads any of it."""
+    root = Path(folder)
+    if not root.is_dir():
+        raise CheckpointError(f"{root}: not a folder (expected a pipeline folder with model_index.json)")
+    index = read_json(root / "model_index.json")
+    class_name = index.get("_class_name")
+    if class_name != pipeline_cls.__name__:
+        raise CheckpointError(f"{root}: model_index.json names {class_name!r}; expected {pipeline_cls.__name__!r}")
+    expected = set(pipeline_cls._get_signature_keys(pipeline_cls)[0]) | set(
+        getattr(pipeline_cls, "_optional_components", [])
+    )
+    for name, entry in index.items():
+        if name.startswith("_") or not isinstance(entry, (list, tuple)):
+            continue  # pipeline config values (checked by the pipeline after loading)
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name) or name not in expected:
+            raise CheckpointError(
+                f"{root}: model_index.json has a component {name!r}; {pipeline_cls.__name__} has {sorted(expected)}"
+            )
+        if len(entry) != 2 or entry == [None, None] or list(entry) == [None, None]:
+            continue
+        library, cls_name = entry
+        component_cls = resolve_component_class(root, name, library, cls_name)
+        path = inside(root, name)
+        if not path.is_dir():
+            raise CheckpointError(f"{root}: component {name!r} is listed in model_index.json but {path} is missing")
+        check_files_inside(root, path)
+        check_component(root, path, component_cls)
+    return root
+
+
+def resolve_component_class(root: Path, name: str, library: Any, cls_name: Any) -> type:
+    """The class a model_index.json entry names, only from diffusers, transformers or this package."""
+    if not isinstance(library, str) or not isinstance(cls_name, str) or not cls_name.isidentifier():
+        raise CheckpointError(f"{root}: component {name!r} has a malformed entry [{library!r}, {cls_name!r}]")
+    if library in ALLOWED_LIBRARIES:
+        module = importlib.import_module(library)  # already imported: no code from the folder
+    elif library == OWN_LIBRARY or library.startswith(OWN_LIBRARY + "."):
+        from .. import models
+
+        module = models
+    else:
+        raise CheckpointError(
+            f"{root}: component {name!r} names the library {library!r}; only {ALLOWED_LIBRARIES} and this package's "
+            "own classes are loaded (custom code is never imported)"
+        )
+    component_cls = getattr(module, cls_name, None)
+    if not isinstance(component_cls, type):
+        raise CheckpointError(f"{root}: component {name!r} names {library}.{cls_name}, which does not exist")
+    return component_cls
+
+
+def check_component(root: Path, path: Path, component_cls: type) -> None:
+    from diffusers import ModelMixin
+    from diffusers.configuration_utils import ConfigMixin
+    from transformers import PreTrainedModel
+
+    if issubclass(component_cls, (ModelMixin, PreTrainedModel)):
+        check_model_folder(path, component_cls, root)
+    elif issubclass(component_cls, ConfigMixin):  # schedulers
+        for config in path.glob("*.json"):
+            check_config(read_json(config), config)
+    else:  # tokenizers
+        config = path / "tokenizer_config.json"
+        if config.is_file():
+            data = read_json(config)
+            check_config({k: v for k, v in data.items() if k == "model_max_length"}, config)
+
+
+def _patterns(cls: type, attr: str) -> list[str]:
+    return list(getattr(cls, attr, None) or [])
+
+
+def _tied_keys(cls: type) -> list[str]:
+    tied = getattr(cls, "_tied_weights_keys", None) or []
+    return list(tied.keys() if isinstance(tied, dict) else tied)
+
+
+def _matches(key: str, patterns: list[str]) -> bool:
+    return any(re.search(p, key) for p in patterns)
+
+
+def _few(keys: list[str], n: int = 5) -> str:
+    return ", ".join(repr(k) for k in keys[:n]) + (f" and {len(keys) - n} more" if len(keys) > n else "")
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
