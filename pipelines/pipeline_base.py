@@ -113,6 +113,38 @@ class Progress:
 
 
 class OneStepSRBase(DiffusionPipeline, abc.ABC):
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """A local pipeline folder (e.g. from `convert_to_diffusers`), validated before diffusers reads it: only
+        known components of diffusers, transformers or this package, inside the folder, safetensors weights that
+        match their configs, finite, config values in range (see loading/validation.py). Never downloads, never
+        imports custom code."""
+        from .loading.files import CheckpointError
+        from .loading.validation import check_pipeline_folder, check_pipeline_weights, load_component
+
+        for refused in ("custom_pipeline", "trust_remote_code", "custom_revision"):
+            if kwargs.get(refused):
+                raise ValueError(f"{refused}= is not supported: pipelines never import code from model folders")
+        folder, components = check_pipeline_folder(pretrained_model_name_or_path, cls)
+        dtype = kwargs.get("torch_dtype")
+        for name, component_cls in components.items():
+            if name not in kwargs:  # each component loaded and checked by us; diffusers only assembles them
+                extra = {"torch_dtype": dtype} if dtype is not None and hasattr(component_cls, "dtype") else {}
+                kwargs[name] = load_component(component_cls, folder, name, **extra)
+        kwargs["local_files_only"] = True
+        try:
+            pipe = super().from_pretrained(folder, **kwargs)
+        except (OSError, ValueError, RuntimeError, KeyError) as err:
+            if isinstance(err, CheckpointError):
+                raise
+            raise CheckpointError(f"{folder}: could not be loaded as a {cls.__name__}: {err}") from err
+        check_pipeline_weights(pipe, folder)
+        pipe.check_config(folder)
+        return pipe
+
+    def check_config(self, source: Any) -> None:
+        """Pipeline config values in the ranges the method allows (pipelines with a timestep override this)."""
+
     @torch.no_grad()
     def __call__(
         self,

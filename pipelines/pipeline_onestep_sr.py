@@ -57,6 +57,11 @@ class OneStepSRPipeline(OneStepSRBase):
         )
         self.register_to_config(timestep=int(timestep), method=method)
 
+    def check_config(self, source) -> None:
+        from .loading.validation import check_timestep
+
+        check_timestep(self.config.timestep, 0, self.scheduler.config.num_train_timesteps, source)
+
     @property
     def denoiser_width(self) -> int:
         return self.unet.config.block_out_channels[0]

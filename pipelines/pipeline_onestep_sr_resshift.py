@@ -96,6 +96,18 @@ class OneStepSRResShiftPipeline(OneStepSRBase):
 
     prompt_embedding = None  # no text conditioning at all
 
+    def check_config(self, source) -> None:
+        from .loading.files import CheckpointError
+
+        c = self.config
+        ok = 1 <= c.num_train_steps <= 1000 and 0 < c.kappa < 1e3 and 0 < c.min_noise_level < c.etas_end < 1
+        if not (ok and 0 < c.power < 10 and 1 <= c.lr_pad_multiple <= 4096):
+            raise CheckpointError(
+                f"{source}: ResShift schedule out of range (num_train_steps={c.num_train_steps}, kappa={c.kappa}, "
+                f"min_noise_level={c.min_noise_level}, etas_end={c.etas_end}, power={c.power}, "
+                f"lr_pad_multiple={c.lr_pad_multiple}); expected 1..1000 steps, 0 < min_noise_level < etas_end < 1"
+            )
+
     # ------------------------------------------------------------------ the schedule (float64, used as float32)
 
     @property

@@ -73,6 +73,12 @@ class OneStepSRSD3Pipeline(OneStepSRBase):
         )
         self.register_to_config(timestep=float(timestep), use_shift_factor=bool(use_shift_factor), method=method)
 
+    def check_config(self, source) -> None:
+        from .loading.validation import check_timestep
+
+        high = self.scheduler.config.num_train_timesteps
+        check_timestep(self.config.timestep, 0, high, source, inclusive_high=True)
+
     @property
     def pad_multiple(self) -> int:
         # the transformer patchifies the latent: pad images to VAE factor x patch size (16 for SD3)

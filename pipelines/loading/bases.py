@@ -12,6 +12,7 @@ import torch
 
 from ..options import SINGLE_FILE_SUFFIXES
 from .files import CheckpointError, read_weight_keys
+from .validation import build_from_state, fit_state, load_component
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 SD21_BASE_CONFIG = CONFIG_DIR / "sd21-base"
@@ -39,17 +40,16 @@ def load_sd_base(
             raise CheckpointError(
                 f"{base}: {what}; {needed_by} need an SD2.1-base diffusers folder (unet/ and vae/ subfolders)"
             )
-        kw = {"local_files_only": True}
         # loading straight into the target dtype keeps peak memory at one copy of the weights
         components = {
-            "unet": UNet2DConditionModel.from_pretrained(base, subfolder="unet", torch_dtype=dtype, **kw),
-            "vae": AutoencoderKL.from_pretrained(base, subfolder="vae", torch_dtype=dtype, **kw),
+            "unet": load_component(UNet2DConditionModel, base, "unet", torch_dtype=dtype),
+            "vae": load_component(AutoencoderKL, base, "vae", torch_dtype=dtype),
             # SD2.1 folders name a PNDM scheduler; only its alphas and prediction type are read.
-            "scheduler": DDPMScheduler.from_pretrained(base, subfolder="scheduler", **kw),
+            "scheduler": load_component(DDPMScheduler, base, "scheduler"),
         }
         if (base / "text_encoder").is_dir() and (base / "tokenizer").is_dir():
-            components["text_encoder"] = CLIPTextModel.from_pretrained(base, subfolder="text_encoder", **kw)
-            components["tokenizer"] = CLIPTokenizer.from_pretrained(base, subfolder="tokenizer", **kw)
+            components["text_encoder"] = load_component(CLIPTextModel, base, "text_encoder")
+            components["tokenizer"] = load_component(CLIPTokenizer, base, "tokenizer")
         return components
     if base.is_file() and base.suffix.lower() in SINGLE_FILE_SUFFIXES:
         return _load_sd_single_file(base, Path(config) if config else SD21_BASE_CONFIG, dtype, needed_by)
@@ -111,11 +111,9 @@ def load_sd3_base(
         if not (base / "transformer").is_dir() or not (base / "vae").is_dir():
             raise CheckpointError(f"{base}: not an SD3 diffusers folder (expected transformer/ and vae/ subfolders)")
         components = {
-            "transformer": SD3Transformer2DModel.from_pretrained(base, subfolder="transformer", **kw),
-            "vae": AutoencoderKL.from_pretrained(base, subfolder="vae", **kw),
-            "scheduler": FlowMatchEulerDiscreteScheduler.from_pretrained(
-                base, subfolder="scheduler", local_files_only=True
-            ),
+            "transformer": load_component(SD3Transformer2DModel, base, "transformer", torch_dtype=dtype),
+            "vae": load_component(AutoencoderKL, base, "vae", torch_dtype=dtype),
+            "scheduler": load_component(FlowMatchEulerDiscreteScheduler, base, "scheduler"),
         }
         components.update(_load_sd3_text_encoders(base))
         return components
@@ -154,8 +152,8 @@ def _load_sd3_text_encoders(base: Path) -> dict[str, Any]:
     for suffix, cls in (("", CLIPTextModelWithProjection), ("_2", CLIPTextModelWithProjection), ("_3", T5EncoderModel)):
         enc, tok = base / f"text_encoder{suffix}", base / f"tokenizer{suffix}"
         if enc.is_dir() and tok.is_dir():
-            found[f"text_encoder{suffix}"] = cls.from_pretrained(enc, local_files_only=True)
-            found[f"tokenizer{suffix}"] = AutoTokenizer.from_pretrained(tok, local_files_only=True)
+            found[f"text_encoder{suffix}"] = load_component(cls, base, enc.name)
+            found[f"tokenizer{suffix}"] = load_component(AutoTokenizer, base, tok.name)
     if ("text_encoder" in found) != ("text_encoder_2" in found):
         found = {k: v for k, v in found.items() if k.endswith("_3")}
     return found if "text_encoder" in found else {}
@@ -255,7 +253,7 @@ def load_vq_f4(path: str | os.PathLike, dtype: torch.dtype = torch.float32):
                 f"{path}: not a VQ autoencoder (a VQModel folder or autoencoder_vq_f4.pth); the ResShift family needs "
                 "autoencoder_vq_f4.pth as its base"
             )
-        return VQModel.from_pretrained(path, torch_dtype=dtype, local_files_only=True)
+        return load_component(VQModel, path, torch_dtype=dtype)
     state = read_weights(path)
     if isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
@@ -267,17 +265,14 @@ def load_vq_f4(path: str | os.PathLike, dtype: torch.dtype = torch.float32):
         )
     config = vq_config_from_ldm(state, path)
     with torch.device("meta"):
-        probe = VQModel(**config)
+        probe = build_from_state(lambda: VQModel(**config), path, "VQGAN")
     expected = set(probe.state_dict())
     converted = vq_state_from_ldm(state, len(config["block_out_channels"]))
     missing, unexpected = sorted(expected - converted.keys()), sorted(converted.keys() - expected)
     if missing or unexpected:
         raise CheckpointError(f"{path}: VQGAN keys do not fit: missing {missing[:5]}, unexpected {unexpected[:5]}")
     vae = VQModel(**config)
-    try:
-        vae.load_state_dict(converted, strict=True)
-    except RuntimeError as err:
-        raise CheckpointError(f"{path}: VQGAN weights do not fit their own shapes: {err}") from err
+    fit_state(vae, converted, path, "VQGAN weights")
     return vae.to(dtype)
 
 

@@ -19,6 +19,12 @@ class CheckpointError(ValueError):
     """A weight file that is missing, unreadable, of an unknown format, or does not fit the base model."""
 
 
+def check_tensors(state: Any, source: Any) -> None:
+    from .validation import check_tensors as check
+
+    check(state, source)
+
+
 def read_weights(path: str | os.PathLike, allow_tensor: bool = False) -> Any:
     """Load a weight file into a dict (or, with allow_tensor, a single tensor) without executing code from it."""
     path = Path(path)
@@ -32,9 +38,11 @@ def read_weights(path: str | os.PathLike, allow_tensor: bool = False) -> Any:
         from safetensors.torch import load_file
 
         try:
-            return dict(load_file(str(path)))
+            state = dict(load_file(str(path)))
         except (SafetensorError, OSError, ValueError, RuntimeError) as err:
             raise CheckpointError(f"{path}: not a readable safetensors file (truncated or corrupted?): {err}") from err
+        check_tensors(state, path)
+        return state
     if suffix in PICKLE_SUFFIXES:
         try:
             state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=_is_zip(path))
@@ -43,10 +51,11 @@ def read_weights(path: str | os.PathLike, allow_tensor: bool = False) -> Any:
                 f"{path}: refused to load: the pickle contains more than tensors and plain containers, and "
                 f"unpickling arbitrary objects could run code. Convert it to safetensors from a trusted source. ({err})"
             ) from err
-        except (EOFError, RuntimeError, zipfile.BadZipFile, OSError, ValueError) as err:
+        except Exception as err:  # any failure to parse a damaged pickle is the file's fault
             raise CheckpointError(f"{path}: could not be read (truncated or corrupted?): {err}") from err
         if not isinstance(state, dict) and not (allow_tensor and isinstance(state, torch.Tensor)):
             raise CheckpointError(f"{path}: expected a dict of weights, found a {type(state).__name__}")
+        check_tensors(state, path)
         return state
     raise CheckpointError(f"{path}: unknown file type {suffix!r}; expected one of {WEIGHT_SUFFIXES}")
 

@@ -23,6 +23,7 @@ import math
 import os
 import re
 from collections.abc import Iterable, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -224,53 +225,13 @@ def check_model_folder(
     config = read_json(folder / "config.json")
     check_config(config, folder / "config.json")
     files = component_weight_files(folder)
-    found: dict[str, tuple[str, tuple[int, ...]]] = {}
     for path in files:
-        for key, (dtype_name, shape) in safetensors_header(path).items():
+        for key, (dtype_name, _) in safetensors_header(path).items():
             if dtype_name not in SAFETENSORS_DTYPES and not key.endswith(INDEX_BUFFER_SUFFIXES):
                 raise CheckpointError(
                     f"{path}: {key!r} is stored as {dtype_name}; weights must be fp32, fp16 or bf16 (F32/F16/BF16)"
                 )
-            found[key] = (dtype_name, shape)
-    expected = expected_state(model_cls, config, folder)
-    ignore_unexpected = _patterns(model_cls, "_keys_to_ignore_on_load_unexpected")
-    optional = _patterns(model_cls, "_keys_to_ignore_on_load_missing") + _tied_keys(model_cls)
-    missing = [k for k in expected if k not in found and not _matches(k, optional)]
-    unexpected = [k for k in found if k not in expected and not _matches(k, ignore_unexpected)]
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing {len(missing)} weight(s): {_few(missing)}")
-        if unexpected:
-            parts.append(f"unexpected {len(unexpected)} weight(s): {_few(unexpected)}")
-        raise CheckpointError(
-            f"{folder}: the weights do not match its config.json ({'; '.join(parts)}); a {model_cls.__name__} "
-            "needs every weight its config implies and no others (a missing one would be randomly initialised)"
-        )
-    wrong = [(k, found[k][1], s) for k, s in expected.items() if k in found and tuple(found[k][1]) != s]
-    if wrong:
-        k, got, want = wrong[0]
-        raise CheckpointError(
-            f"{folder}: {len(wrong)} weight shape(s) differ from what config.json implies, e.g. {k!r} is {got}, "
-            f"expected {want}"
-        )
     check_weights_fit(folder, files, dtype)
-
-
-def expected_state(model_cls: type, config: dict[str, Any], folder: Path) -> dict[str, tuple[int, ...]]:
-    """key -> shape of the model the config describes, built on the meta device (nothing allocated)."""
-    try:
-        with torch.device("meta"):
-            if hasattr(model_cls, "from_config") and not hasattr(model_cls, "config_class"):
-                model = model_cls.from_config(config)
-            else:  # transformers
-                config_obj = model_cls.config_class.from_dict(config)
-                model = model_cls._from_config(config_obj)
-    except CheckpointError:
-        raise
-    except Exception as err:  # any failure to build from the config is the config's fault
-        raise CheckpointError(f"{folder}/config.json: does not describe a valid {model_cls.__name__}: {err}") from err
-    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
 def check_weights_fit(folder: Path, files: Iterable[Path], dtype: torch.dtype | None) -> None:
@@ -293,8 +254,9 @@ def check_weights_fit(folder: Path, files: Iterable[Path], dtype: torch.dtype | 
 # ---------------------------------------------------------------------------- pipeline folders
 
 
-def check_pipeline_folder(folder: str | os.PathLike, pipeline_cls: type) -> Path:
-    """A `from_pretrained` folder of one of our pipelines, checked before diffusers reads any of it."""
+def check_pipeline_folder(folder: str | os.PathLike, pipeline_cls: type) -> tuple[Path, dict[str, type]]:
+    """A `from_pretrained` folder of one of our pipelines, checked before diffusers reads any of it; returns the
+    folder and each listed component's class (for `load_component`)."""
     root = Path(folder)
     if not root.is_dir():
         raise CheckpointError(f"{root}: not a folder (expected a pipeline folder with model_index.json)")
@@ -305,6 +267,7 @@ def check_pipeline_folder(folder: str | os.PathLike, pipeline_cls: type) -> Path
     expected = set(pipeline_cls._get_signature_keys(pipeline_cls)[0]) | set(
         getattr(pipeline_cls, "_optional_components", [])
     )
+    components: dict[str, type] = {}
     for name, entry in index.items():
         if name.startswith("_") or not isinstance(entry, (list, tuple)):
             continue  # pipeline config values (checked by the pipeline after loading)
@@ -320,8 +283,8 @@ def check_pipeline_folder(folder: str | os.PathLike, pipeline_cls: type) -> Path
         if not path.is_dir():
             raise CheckpointError(f"{root}: component {name!r} is listed in model_index.json but {path} is missing")
         check_files_inside(root, path)
-        check_component(root, path, component_cls)
-    return root
+        components[name] = component_cls
+    return root, components
 
 
 def resolve_component_class(root: Path, name: str, library: Any, cls_name: Any) -> type:
@@ -385,3 +348,95 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def load_component(
+    component_cls: type,
+    root: str | os.PathLike,
+    subfolder: str | None = None,
+    loader: Any = None,
+    **kwargs: Any,
+) -> Any:
+    """component_cls.from_pretrained(root, subfolder=...), offline and safetensors-only, checked before (config,
+    dtypes, paths, size) and after: every expected weight loaded and none left over (the library's own loading
+    report, so a missing weight is an error, never a random init), all weights finite."""
+    root = Path(root)
+    path = inside(root, subfolder, "subfolder") if subfolder else root
+    if loader is None and getattr(component_cls, "validates_on_load", False):
+        return component_cls.from_pretrained(path, **kwargs)  # its from_pretrained calls this function itself
+    check_component(root, path, component_cls)
+    loader = loader or component_cls.from_pretrained
+    kwargs["local_files_only"] = True
+    model = _is_model_class(component_cls)
+    if model:
+        kwargs.update(use_safetensors=True, output_loading_info=True)
+    if subfolder:
+        kwargs["subfolder"] = subfolder
+    try:
+        loaded = loader(root, **kwargs)
+    except CheckpointError:
+        raise
+    except Exception as err:  # checked files that still break the library's loader: a damaged config or file
+        raise CheckpointError(f"{path}: could not be loaded as a {component_cls.__name__}: {err}") from err
+    if not model:
+        return loaded
+    component, info = loaded
+    problems = [
+        f"{what} {len(keys)} weight(s): {_few(sorted(map(str, keys)))}"
+        for what, keys in (("missing", info.get("missing_keys")), ("unexpected", info.get("unexpected_keys")))
+        if keys
+    ]
+    mismatched = info.get("mismatched_keys")
+    if mismatched:
+        problems.append(f"{len(mismatched)} weight(s) of the wrong shape: {_few([str(m) for m in mismatched])}")
+    if problems:
+        raise CheckpointError(
+            f"{path}: the weights do not match its config.json ({'; '.join(problems)}); a {component_cls.__name__} "
+            "needs every weight its config implies and no others (a missing one would be randomly initialised)"
+        )
+    check_module_weights(component, path)
+    return component
+
+
+def _is_model_class(cls: type) -> bool:
+    from diffusers import ModelMixin
+    from transformers import PreTrainedModel
+
+    return issubclass(cls, (ModelMixin, PreTrainedModel))
+
+
+def fit_state(model: torch.nn.Module, state: Mapping[str, torch.Tensor], source: Any, what: str = "weights") -> None:
+    """model.load_state_dict(state) where every key must fit exactly (names and shapes), as a CheckpointError."""
+    try:
+        result = model.load_state_dict(dict(state), strict=False)
+    except RuntimeError as err:  # size mismatches
+        first = str(err).strip().splitlines()[1:2] or [str(err)]
+        raise CheckpointError(f"{source}: the {what} do not fit their model: {first[0].strip()}") from err
+    if result.missing_keys or result.unexpected_keys:
+        raise CheckpointError(
+            f"{source}: the {what} do not fit the model read from their shapes: missing "
+            f"{_few(list(result.missing_keys))}; unexpected {_few(list(result.unexpected_keys))}"
+        )
+
+
+def build_from_state(build: Any, source: Any, what: str) -> Any:
+    """build() of a model whose dims were read from a checkpoint: any failure is the checkpoint's fault."""
+    try:
+        return build()
+    except CheckpointError:
+        raise
+    except Exception as err:  # dims read from a damaged file can break a constructor in any way
+        raise CheckpointError(f"{source}: the {what} dims read from the file do not make a valid model: {err}") from err
+
+
+@contextmanager
+def checkpoint_errors(source: Any, what: str):
+    """Inside: any failure other than the project's own errors, memory or interruption is reported as a
+    CheckpointError on `source`. Parsers check what they expect; this is the boundary that guarantees a damaged
+    file never surfaces as a bare AttributeError/TypeError from deep inside (found by tests/test_fuzz_loaders.py)."""
+    try:
+        yield
+    except (CheckpointError, MemoryError, KeyboardInterrupt):
+        raise
+    except Exception as err:
+        raise CheckpointError(f"{source}: could not be read as {what} ({type(err).__name__}: {err})") from err

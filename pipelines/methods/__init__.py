@@ -15,6 +15,7 @@ import torch
 
 from ..loading.devices import prepare_for_inference, resolve_device, resolve_dtype
 from ..loading.files import CheckpointError
+from ..loading.validation import check_pipeline_weights, checkpoint_errors
 
 if TYPE_CHECKING:
     from ..pipeline_base import OneStepSRBase
@@ -88,7 +89,8 @@ def load_pipeline(
     """
     device = resolve_device(device) if device is not None else torch.device("cpu")
     dtype = resolve_dtype(dtype, device)
-    found, probe = detect_method(weights, method)
+    with checkpoint_errors(weights, "SR weights"):
+        found, probe = detect_method(weights, method)
     unknown = {k for k, v in method_options.items() if v is not None} - set(found.extra_options)
     if unknown:
         raise ValueError(
@@ -96,11 +98,15 @@ def load_pipeline(
             + (f"; it takes {list(found.extra_options)}" if found.extra_options else "")
         )
     options = BuildOptions(dtype=dtype, fuse_lora=fuse_lora, base_config=base_config, extra=method_options)
-    pipe = found.build(base, probe, options)
+    with checkpoint_errors(f"{base} + {weights}", f"{found.display_name} (base + weights)"):
+        pipe = found.build(base, probe, options)
     if tagger is not None:
         if not pipe.accepts_tagger:
             raise ValueError(f"{found.display_name} takes no tagger (its prompts do not come from image tags)")
         pipe.register_modules(tagger=resolve_tagger(tagger))
+    # the built pipeline as a whole (LoRA fused, embeddings attached): finite weights, config in range
+    check_pipeline_weights(pipe, f"{base} + {weights}")
+    pipe.check_config(weights)
     return prepare_for_inference(pipe, device, dtype)
 
 

@@ -11,7 +11,6 @@ Not an SR method (it registers no `Method`): a model with its own files, detecto
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path
@@ -22,6 +21,7 @@ import torch
 from ..loading.bases import quiet_diffusers
 from ..loading.devices import resolve_device, resolve_dtype
 from ..loading.files import CheckpointError, read_weights
+from ..loading.validation import build_from_state, checkpoint_errors, fit_state, read_json
 from ..models.ram_tagger import RAMTagger, tag_list_sha256
 from .registry import WeightFile
 
@@ -105,13 +105,9 @@ def build_tagger(state: dict[str, torch.Tensor], path: str | os.PathLike, **conf
     for name, t in state.items():
         if not t.is_floating_point():
             raise CheckpointError(f"{path}: {name} is {t.dtype}; tagger weights must be floating point")
-    tagger = RAMTagger(**config_from_state(state, path), **config)
-    result = tagger.load_state_dict(state, strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        raise CheckpointError(
-            f"{path}: the tagger weights do not fit the model read from their shapes: missing "
-            f"{result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}"
-        )
+    dims = config_from_state(state, path)
+    tagger = build_from_state(lambda: RAMTagger(**dims, **config), path, "tagger")
+    fit_state(tagger, state, path, "tagger weights")
     return tagger
 
 
@@ -182,15 +178,18 @@ def load_tagger(
             output, which resized without it). Stored in the tagger's config.
     """
     path = Path(base)
-    if path.is_dir():
-        tagger = _load_converted_folder(path)
-    else:
-        tagger = build_tagger(tagging_state(read_weights(path), path), path)
+    with checkpoint_errors(path, "a RAM tagger"):
+        tagger = (
+            _load_converted_folder(path)
+            if path.is_dir()
+            else build_tagger(tagging_state(read_weights(path), path), path)
+        )
     if lora is not None:
-        lora_state = read_weights(lora)
-        if not is_lora_only(lora_state):
-            raise CheckpointError(f"{lora}: not a LoRA-only file like {DAPE_FILE.name} (it has non-LoRA keys)")
-        merge_dape_lora(tagger, lora_state, lora)
+        with checkpoint_errors(lora, "a DAPE LoRA"):
+            lora_state = read_weights(lora)
+            if not is_lora_only(lora_state):
+                raise CheckpointError(f"{lora}: not a LoRA-only file like {DAPE_FILE.name} (it has non-LoRA keys)")
+            merge_dape_lora(tagger, lora_state, lora)
     tagger.register_to_config(antialias=bool(antialias))
     device = resolve_device(device) if device is not None else torch.device("cpu")
     with quiet_diffusers():
@@ -201,7 +200,7 @@ def _load_converted_folder(folder: Path) -> RAMTagger:
     config_file = folder / "config.json"
     if not config_file.is_file():
         raise CheckpointError(f"{folder}: not a converted tagger folder (no config.json)")
-    config = json.loads(config_file.read_text())
+    config = read_json(config_file)
     if config.get("_class_name") != RAMTagger.__name__:
         raise CheckpointError(f"{folder}: config.json is for {config.get('_class_name')!r}, not a {RAMTagger.__name__}")
     if config.get("tag_list_sha256") not in (None, tag_list_sha256()):
@@ -209,10 +208,7 @@ def _load_converted_folder(folder: Path) -> RAMTagger:
             f"{folder}: converted with another tag list (sha256 {config['tag_list_sha256']}); this package ships "
             f"{tag_list_sha256()}. Convert the tagger again with this version."
         )
-    try:
-        return RAMTagger.from_pretrained(folder, local_files_only=True)
-    except (OSError, ValueError, RuntimeError) as err:
-        raise CheckpointError(f"{folder}: the converted tagger could not be read: {err}") from err
+    return RAMTagger.from_pretrained(folder)  # validated there (keys, shapes, dtypes, finite)
 
 
 def convert_tagger(

@@ -16,6 +16,7 @@ import torch
 
 from ..loading.bases import _strip_wrappers, load_vq_f4
 from ..loading.files import CheckpointError, WeightsProbe
+from ..loading.validation import build_from_state, fit_state
 from ..models.resshift_unet import ResShiftUNet, resshift_unet_config
 from ..options import TileDefaults
 from ..pipeline_onestep_sr_resshift import OneStepSRResShiftPipeline
@@ -72,15 +73,9 @@ def load_resshift_unet(state: dict, path: str | os.PathLike, dtype: torch.dtype)
         config = resshift_unet_config(state)
     except (KeyError, ValueError, IndexError) as err:
         raise CheckpointError(f"{path}: not a ResShift-family UNet (missing or malformed {err})") from err
-    unet = ResShiftUNet(**config)
+    unet = build_from_state(lambda: ResShiftUNet(**config), path, "UNet")
     buffers = {k: v for k, v in state.items() if k.endswith(RECOMPUTED_BUFFERS)}
-    weights = {k: v for k, v in state.items() if k not in buffers}
-    result = unet.load_state_dict(weights, strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        raise CheckpointError(
-            f"{path}: the UNet weights do not fit the model read from their shapes: missing "
-            f"{result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}"
-        )
+    fit_state(unet, {k: v for k, v in state.items() if k not in buffers}, path, "UNet weights")
     ours = dict(unet.named_buffers())
     for name, stored in buffers.items():  # accepted and checked, not required
         mine = ours.get(name)

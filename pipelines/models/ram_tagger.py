@@ -102,6 +102,16 @@ class RAMTagger(ModelMixin, ConfigMixin):
     API: `preprocess(images)`, `logits(pixel_values)`, `tags(images)`, `prompt(images, user_prompt)`.
     """
 
+    validates_on_load = True
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """A local folder (`convert_tagger`), validated first: keys and shapes against the config, float dtypes,
+        safetensors only, finite weights (see loading/validation.py). Never downloads."""
+        from ..loading.validation import load_component
+
+        return load_component(cls, pretrained_model_name_or_path, loader=super().from_pretrained, **kwargs)
+
     @register_to_config
     def __init__(
         self,

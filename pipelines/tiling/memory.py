@@ -102,9 +102,10 @@ def check_fits(estimate: RunEstimate, device: torch.device, what: str) -> None:
         return
     h, w = estimate.output_hw
     where = "GPU memory free" if device.type == "cuda" else "RAM available"
+    parts = f"images {format_bytes(estimate.images)}, VAE {format_bytes(estimate.vae)}, "
+    parts += f"denoiser {format_bytes(estimate.denoiser)}"
     raise InsufficientMemoryError(
-        f"{what}: a {w}x{h} output needs about {format_bytes(estimate.peak)} of working memory (images "
-        f"{format_bytes(estimate.images)}, VAE {format_bytes(estimate.vae)}, denoiser {format_bytes(estimate.denoiser)}) "
-        f"but only {format_bytes(free)} of {where}. Use a smaller upscale factor, a smaller input (or split it with "
-        "Tile Split / Tile Stitch), a smaller vae_tile_size or tile_size, or bf16/fp16."
+        f"{what}: a {w}x{h} output needs about {format_bytes(estimate.peak)} of working memory ({parts}) but only "
+        f"{format_bytes(free)} of {where}. Use a smaller upscale factor or a smaller input (or split it: Tile Split "
+        "-> Upscale -> Tile Stitch), a smaller tile_size, a tiled VAE (vae_tile_size), or bf16/fp16."
     )
