@@ -209,14 +209,31 @@ def offload_device() -> torch.device:
     return mm.unet_offload_device()
 
 
-def free_memory_for(modules: list[torch.nn.Module], device: torch.device, extra_bytes: int) -> None:
-    """Ask ComfyUI to evict its own models so ours (and their working memory) fit on `device`."""
-    import comfy.model_management as mm
+def load_models(loaded, memory_required: int) -> None:
+    """Put a loaded pipeline's (or tagger's) modules under ComfyUI's model management and load them for a run.
 
-    if device.type == "cpu":
-        return
-    needed = sum(mm.module_size(m) for m in modules if m is not None) + extra_bytes
-    mm.free_memory(needed, device)
+    Each module gets a `comfy.model_patcher.ModelPatcher` (made once); `load_models_gpu` then evicts other models
+    to make room for the weights plus `memory_required` (the run's own estimate), applies ComfyUI's low-VRAM
+    offloading where needed, and records them, so "Unload models" and POST /free move them back to the offload
+    device like any core model. Between runs they stay loaded until ComfyUI needs the memory (its usual policy).
+    """
+    import comfy.model_management as mm
+    import comfy.model_patcher
+
+    if loaded.patchers is None:
+        modules = [m for m in _modules_of(loaded) if isinstance(m, torch.nn.Module)]
+        loaded.patchers = [
+            comfy.model_patcher.ModelPatcher(m, load_device=loaded.device, offload_device=loaded.rest_device,
+                                             size=mm.module_size(m))
+            for m in modules
+        ]  # fmt: skip
+    mm.load_models_gpu(loaded.patchers, memory_required=memory_required, force_full_load=True)
+
+
+def _modules_of(loaded) -> list:
+    if hasattr(loaded, "pipe"):
+        return list(loaded.pipe.components.values())
+    return [loaded.tagger]
 
 
 def progress_reporter(total: int) -> Callable[[int, int], None]:

@@ -225,8 +225,20 @@ class OneStepSRUpscale(io.ComfyNode):
                     optional=True,
                     tooltip="Optional conditioning from One-step SR Prompt (default: model default).",
                 ),
+                io.Mask.Input(
+                    "mask",
+                    optional=True,
+                    tooltip="Optional transparency (a MASK, 1 = transparent, as Load Image gives): upscaled with the "
+                    "image, it replaces the image's own alpha channel.",
+                ),
             ],
-            outputs=[io.Image.Output(display_name="image", tooltip="The upscaled images.")],
+            outputs=[
+                io.Image.Output(display_name="image", tooltip="The upscaled images (same channels as the input)."),
+                io.Mask.Output(
+                    display_name="mask",
+                    tooltip="The upscaled transparency as a MASK (1 = transparent); all zeros for opaque inputs.",
+                ),
+            ],
         )
 
     @classmethod
@@ -244,12 +256,14 @@ class OneStepSRUpscale(io.ComfyNode):
         tile_batch_size: int = 1,
         blend: str = "gaussian",
         prompt=None,
+        mask=None,
     ) -> io.NodeOutput:
-        images = upscale_batch(
+        images, masks = upscale_batch(
             sr_model,
             image,
             prompt,
             seed,
+            mask,
             upscale=upscale,
             color_fix=None if color_fix == "auto" else color_fix,
             latent_sampling=latent_sampling,
@@ -259,7 +273,7 @@ class OneStepSRUpscale(io.ComfyNode):
             tile_batch_size=tile_batch_size,
             blend=blend,
         )
-        return io.NodeOutput(images)
+        return io.NodeOutput(images, masks)
 
 
 class OneStepSRTaggerLoader(io.ComfyNode):

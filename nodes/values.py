@@ -5,6 +5,8 @@ ComfyUI services come from `comfy_env`; everything else is library code from `pi
 
 from __future__ import annotations
 
+import gc
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,9 +21,6 @@ from . import comfy_env
 PIPE_TYPE = "ONESTEP_SR_PIPE"
 PROMPT_TYPE = "ONESTEP_SR_PROMPT"
 TILES_TYPE = "ONESTEP_SR_TILES"
-# Working memory asked of ComfyUI on top of the model weights before a run on a GPU: the default tiles
-# (96 latent px for SD2.1, 64 for SD3) and the streamed VAE's feature maps at ~2 MP stay under this.
-WORKSPACE_BYTES = 3 << 30
 PROMPT_MODES = ("model default", "text", "none")
 
 
@@ -32,6 +31,7 @@ class LoadedSR:
     pipe: Any
     device: torch.device
     rest_device: torch.device
+    patchers: list | None = None  # ComfyUI ModelPatchers of the pipeline's modules, made at the first run
 
     @property
     def method(self) -> str:
@@ -84,6 +84,7 @@ def placement(dtype: str, device: str) -> tuple[torch.dtype, torch.device, torch
 
 
 def load_sr_model(base: str, weights: str, dtype: str, device: str, fuse_lora: bool) -> LoadedSR:
+    """The pipeline, resting on its offload device; ComfyUI's model management moves it (see comfy_env.load_models)."""
     chosen, target, rest = placement(dtype, device)
     pipe = load_pipeline(
         comfy_env.resolve_base_model(base),
@@ -126,33 +127,90 @@ def upscale_batch(
     image: torch.Tensor,
     prompt: PromptSpec | None,
     seed: int,
+    mask: torch.Tensor | None = None,
     **options: Any,
-) -> torch.Tensor:
-    """Each batch item through the pipeline in turn (bounded memory), on ComfyUI's progress bar."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each batch item through the pipeline in turn (bounded memory), on ComfyUI's progress bar.
+
+    Returns (images, masks): the images keep the input's channel count (RGBA stays RGBA); the masks are ComfyUI
+    MASKs (1 = transparent, as LoadImage's) of the upscaled alpha: the image's own alpha channel, or `mask`
+    when one is connected (it then replaces the alpha), else all zeros.
+    """
     image = check_image(image)
+    mask = check_mask(mask, image) if mask is not None else None
     pipe = sr_model.pipe
     spec = prompt or PromptSpec()
-    comfy_env.free_memory_for(_modules(pipe), sr_model.device, WORKSPACE_BYTES)
-    pipe.to(sr_model.device)
-    try:
-        batch = image.shape[0]
+    batch = image.shape[0]
+    with release_on_failure():
+        comfy_env.load_models(sr_model, _memory_needed(pipe, image, options))
         report = comfy_env.progress_reporter(batch)
-        outputs = []
+        outputs, masks = [], []
         for i in range(batch):
 
             def progress(done, total, i=i):
                 report(i * total + done, batch * total)
 
             chw = image[i].movedim(-1, 0).float().clamp(0, 1)
+            if mask is not None:
+                alpha = 1 - mask[i if mask.shape[0] == batch else 0].float().clamp(0, 1)
+                chw = torch.cat([chw[:3] if chw.shape[0] >= 3 else chw[:1].expand(3, -1, -1), alpha[None]])
             generator = torch.Generator().manual_seed(seed + i)
             prompt_kwargs = spec.pipeline_kwargs(pipe, i, batch)
             result = pipe(
                 chw, generator=generator, progress_callback=progress, output_type="pt", **prompt_kwargs, **options
-            )
-            outputs.append(result.images[0].movedim(0, -1).cpu())
-    finally:
-        pipe.to(sr_model.rest_device)
-    return torch.stack(outputs)
+            ).images[0]
+            masks.append(1 - result[3] if result.shape[0] == 4 else torch.zeros(result.shape[-2:]))
+            keep = 4 if image.shape[-1] == 4 else 3
+            outputs.append(result[:keep].movedim(0, -1).cpu())
+            del result
+    return torch.stack(outputs), torch.stack(masks).cpu()
+
+
+def check_mask(mask: Any, image: torch.Tensor) -> torch.Tensor:
+    if not isinstance(mask, torch.Tensor):
+        raise ValueError(f"mask: expected a MASK tensor, got {type(mask).__name__}")
+    mask = mask[None] if mask.ndim == 2 else mask
+    if mask.ndim != 3 or tuple(mask.shape[1:]) != tuple(image.shape[1:3]):
+        raise ValueError(
+            f"mask: expected a MASK of the image's size (batch, {image.shape[1]}, {image.shape[2]}), got shape "
+            f"{tuple(mask.shape)}"
+        )
+    if mask.shape[0] not in (1, image.shape[0]):
+        raise ValueError(f"mask: batch of {mask.shape[0]} for {image.shape[0]} images; give one mask or one per image")
+    return mask
+
+
+def _memory_needed(pipe, image: torch.Tensor, options: dict[str, Any]) -> int:
+    """Working memory of the largest batch item's run (the pipelines' own estimate, see tiling/memory.py)."""
+    tiling = {
+        k: options[k]
+        for k in ("tile_size", "tile_overlap", "tile_batch_size", "vae_tile_size", "blend")
+        if k in options
+    }
+    latent_hw = pipe.latent_size(tuple(image.shape[1:3]), options.get("upscale", 4))
+    return pipe.estimate_memory(pipe.plan_tiling(latent_hw, **tiling)).peak
+
+
+@contextmanager
+def release_on_failure():
+    """On failure, re-raise without the frames that hold the run's tensors, and give their memory back.
+
+    The ComfyUI server keeps a failed node's exception and traceback (to show it); frames deep in the pipeline
+    reference the large intermediate tensors, which would stay alive until the next failure. The message and
+    type are kept; the traceback is cut here."""
+    try:
+        yield
+    except BaseException as err:
+        tb = err.__traceback__
+        err.__traceback__, err.__context__, err.__cause__ = None, None, None
+        while tb is not None:  # drop the locals of every finished frame below (the tensors)
+            with suppress(RuntimeError):  # frames still running (the caller's) cannot be cleared
+                tb.tb_frame.clear()
+            tb = tb.tb_next
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        raise err.with_traceback(None) from None
 
 
 def split(image: torch.Tensor, tile_size: int, overlap: int) -> tuple[torch.Tensor, TileLayout]:
@@ -163,10 +221,6 @@ def stitch(tiles: torch.Tensor, layout: Any) -> torch.Tensor:
     if not isinstance(layout, TileLayout):
         raise ValueError("layout: connect the ONESTEP_SR_TILES output of a Tile Split node")
     return stitch_tiles(check_image(tiles, "tiles"), layout).clamp(0, 1)
-
-
-def _modules(pipe) -> list[torch.nn.Module]:
-    return [m for m in pipe.components.values() if isinstance(m, torch.nn.Module)]
 
 
 # ---------------------------------------------------------------------------- the DAPE tagger
@@ -181,6 +235,7 @@ class LoadedTagger:
     tagger: Any
     device: torch.device
     rest_device: torch.device
+    patchers: list | None = None  # as LoadedSR's
 
 
 def load_tagger_model(base: str, lora: str, dtype: str, device: str, antialias: bool) -> LoadedTagger:
@@ -205,14 +260,12 @@ def extract_prompts(
 
     image = check_image(image)
     tagger = loaded.tagger
-    tagger.to(loaded.device)
-    try:
+    with release_on_failure():
+        comfy_env.load_models(loaded, 0)
         tags = []
         for i in range(image.shape[0]):
             comfy_env.check_interrupted()
             (lq,) = load_images(image[i].movedim(-1, 0).float().clamp(0, 1))
             tags.extend(tagger.tags(upsample_pil_bicubic(lq, upscale).rgb))
-    finally:
-        tagger.to(loaded.rest_device)
     prompts = tuple(official_prompt(t, user_prompt) for t in tags)
     return PromptSpec("text", prompts[0], per_image=prompts), "\n".join(tags)

@@ -28,6 +28,7 @@ class State:
         self.progress: list[tuple[int, int]] = []
         self.interrupt_after: int | None = None
         self.freed: list[int] = []
+        self.loads: list[tuple[list, int]] = []  # (patchers, memory_required) of each load_models_gpu call
 
 
 def install(models_dir: Path, input_dir: Path) -> State:
@@ -84,13 +85,30 @@ def install(models_dir: Path, input_dir: Path) -> State:
     mm.module_size = lambda m: sum(p.numel() * p.element_size() for p in m.parameters())
     mm.free_memory = lambda n, device: state.freed.append(n)
     mm.throw_exception_if_processing_interrupted = throw_exception_if_processing_interrupted
-    comfy.utils, comfy.model_management = utils, mm
-    sys.modules.update({"folder_paths": fp, "comfy": comfy, "comfy.utils": utils, "comfy.model_management": mm})
+
+    patcher = types.ModuleType("comfy.model_patcher")
+
+    class ModelPatcher:  # what the pack uses of ComfyUI's: construction, then load_models_gpu moves the model
+        def __init__(self, model, load_device, offload_device, size=0):
+            self.model, self.load_device, self.offload_device, self.size = model, load_device, offload_device, size
+
+    def load_models_gpu(models, memory_required=0, force_full_load=False):
+        state.loads.append((list(models), memory_required))
+        for m in models:
+            m.model.to(m.load_device)
+
+    patcher.ModelPatcher = ModelPatcher
+    mm.load_models_gpu = load_models_gpu
+    comfy.utils, comfy.model_management, comfy.model_patcher = utils, mm, patcher
+    sys.modules.update(
+        {"folder_paths": fp, "comfy": comfy, "comfy.utils": utils, "comfy.model_management": mm,
+         "comfy.model_patcher": patcher}
+    )  # fmt: skip
     return state
 
 
 def uninstall() -> None:
-    for name in ("folder_paths", "comfy", "comfy.utils", "comfy.model_management"):
+    for name in ("folder_paths", "comfy", "comfy.utils", "comfy.model_management", "comfy.model_patcher"):
         sys.modules.pop(name, None)
 
 

@@ -42,6 +42,11 @@ def nodes(comfy):
     return {name: Node(cls) for name, cls in comfy_harness.node_classes().items()}
 
 
+@pytest.fixture
+def state(comfy):
+    return comfy["state"]
+
+
 @pytest.fixture(scope="module")
 def osediff_node_pipe(nodes):
     (sr,) = nodes["OneStepSRModelLoader"].run(
@@ -124,7 +129,7 @@ def test_upscale_node_gives_the_library_result(nodes, osediff_node_pipe):
     from onestep_sr import load_pipeline
 
     image = image_batch(2, 12, 10)
-    (out,) = nodes["OneStepSRUpscale"].run(
+    out, *_ = nodes["OneStepSRUpscale"].run(
         **upscale_inputs(sr_model=osediff_node_pipe, image=image, upscale=2, seed=3, latent_sampling="sample")
     )
     assert out.shape == (2, 24, 20, 3)
@@ -167,16 +172,66 @@ def test_rgba_grayscale_and_tiny_images(nodes, osediff_node_pipe):
     kwargs = upscale_inputs(sr_model=osediff_node_pipe)
     rgba = image_batch(1, 8, 6, 4)
     rgba[..., 3] = 0.25
-    (out,) = nodes["OneStepSRUpscale"].run(image=rgba, **kwargs)
+    out, *_ = nodes["OneStepSRUpscale"].run(image=rgba, **kwargs)
     assert out.shape == (1, 32, 24, 4) and torch.allclose(out[..., 3], torch.tensor(0.25))
-    (rgb_out,) = nodes["OneStepSRUpscale"].run(image=rgba[..., :3].contiguous(), **kwargs)
+    rgb_out, *_ = nodes["OneStepSRUpscale"].run(image=rgba[..., :3].contiguous(), **kwargs)
     assert torch.equal(out[..., :3], rgb_out)
     gray = image_batch(1, 8, 6, 1)
-    (gray_out,) = nodes["OneStepSRUpscale"].run(image=gray, **kwargs)
-    (as_rgb,) = nodes["OneStepSRUpscale"].run(image=gray.expand(-1, -1, -1, 3).contiguous(), **kwargs)
+    gray_out, *_ = nodes["OneStepSRUpscale"].run(image=gray, **kwargs)
+    as_rgb, *_ = nodes["OneStepSRUpscale"].run(image=gray.expand(-1, -1, -1, 3).contiguous(), **kwargs)
     assert gray_out.shape == (1, 32, 24, 3) and torch.equal(gray_out, as_rgb)
-    (one,) = nodes["OneStepSRUpscale"].run(image=image_batch(1, 1, 1), **kwargs)
+    one, *_ = nodes["OneStepSRUpscale"].run(image=image_batch(1, 1, 1), **kwargs)
     assert one.shape == (1, 4, 4, 3)
+
+
+def test_transparency_flows_as_masks(nodes, osediff_node_pipe, state):
+    """MASK in/out as core nodes expect (1 = transparent): the mask is the alpha channel, upscaled the same way."""
+    kwargs = upscale_inputs(sr_model=osediff_node_pipe)
+    rgba = image_batch(1, 8, 6, 4)
+    rgba[..., 3] = torch.linspace(0, 1, 6)  # a horizontal alpha ramp
+    out, out_mask = nodes["OneStepSRUpscale"].run(image=rgba, **kwargs)
+    assert out.shape == (1, 32, 24, 4) and torch.equal(out_mask, 1 - out[..., 3])
+    # the same transparency given as a MASK next to the RGB image: same pixels, same mask, RGB stays RGB
+    rgb_out, rgb_mask = nodes["OneStepSRUpscale"].run(image=rgba[..., :3].contiguous(), mask=1 - rgba[..., 3], **kwargs)
+    assert rgb_out.shape == (1, 32, 24, 3)
+    assert torch.equal(rgb_out, out[..., :3]) and torch.allclose(rgb_mask, out_mask, atol=1e-6)
+    _, opaque_mask = nodes["OneStepSRUpscale"].run(image=rgba[..., :3].contiguous(), **kwargs)
+    assert torch.equal(opaque_mask, torch.zeros(1, 32, 24))
+    with pytest.raises(ValueError, match=r"MASK of the image's size \(batch, 8, 6\)"):
+        nodes["OneStepSRUpscale"].run(image=rgba[..., :3].contiguous(), mask=torch.zeros(1, 5, 5), **kwargs)
+    # the models are loaded through ComfyUI's model management, with the run's own memory estimate
+    patchers, needed = state.loads[-1]
+    modules = {id(m) for m in osediff_node_pipe.pipe.components.values() if isinstance(m, torch.nn.Module)}
+    assert {id(p.model) for p in patchers} == modules
+    pipe = osediff_node_pipe.pipe
+    plan = pipe.plan_tiling(pipe.latent_size((8, 6), 4))
+    assert needed == pipe.estimate_memory(plan).peak > 0
+
+
+def test_a_failed_run_keeps_no_tensors_alive(nodes, osediff_node_pipe, state):
+    """The server keeps a failed node's exception: it must not reference the run's tensors."""
+    import gc
+    import weakref
+
+    kwargs = upscale_inputs(sr_model=osediff_node_pipe)
+    alive = []
+    original = osediff_node_pipe.pipe.decode
+
+    def failing_decode(latents, *args, **kw):
+        big = torch.ones(256, 256)
+        alive.append(weakref.ref(big))
+        raise RuntimeError("decode failed")
+
+    osediff_node_pipe.pipe.decode = failing_decode
+    try:
+        with pytest.raises(RuntimeError, match="decode failed") as caught:
+            nodes["OneStepSRUpscale"].run(image=image_batch(1, 8, 8), **kwargs)
+    finally:
+        del osediff_node_pipe.pipe.decode
+    assert osediff_node_pipe.pipe.decode == original
+    gc.collect()
+    assert alive and all(r() is None for r in alive)
+    del caught
 
 
 @pytest.mark.parametrize(
@@ -221,7 +276,7 @@ def test_prompt_node(nodes, osediff_node_pipe):
     )
     image = image_batch(1, 8, 8)
     kwargs = upscale_inputs(sr_model=osediff_node_pipe, image=image, upscale=1, color_fix="none")
-    (with_text,) = nodes["OneStepSRUpscale"].run(prompt=PromptSpec("text", "a photo of a cat, "), **kwargs)
+    with_text, *_ = nodes["OneStepSRUpscale"].run(prompt=PromptSpec("text", "a photo of a cat, "), **kwargs)
     expected = (
         osediff_node_pipe.pipe(
             image[0].permute(2, 0, 1), prompt="a photo of a cat, ", upscale=1, color_fix="none", output_type="pt"
@@ -240,7 +295,7 @@ def test_tsdsr_through_the_nodes(nodes):
     )
     assert sr.method == "TSD-SR"
     kwargs = upscale_inputs(sr_model=sr, image=image_batch(1, 8, 8), upscale=2)
-    (out,) = nodes["OneStepSRUpscale"].run(**kwargs)
+    out, *_ = nodes["OneStepSRUpscale"].run(**kwargs)
     expected = sr.pipe(kwargs["image"][0].movedim(-1, 0), upscale=2, output_type="pt").images[0].movedim(0, -1)
     assert out.shape == (1, 16, 16, 3)
     torch.testing.assert_close(out[0], expected, atol=1e-6, rtol=0)
@@ -366,8 +421,8 @@ def test_prompt_mode_none_is_the_empty_prompt_not_the_models_default(nodes, osed
     sr = LoadedSR(pipe, torch.device("cpu"), torch.device("cpu"))
     image = image_batch(1, 8, 8)
     kwargs = upscale_inputs(sr_model=sr, image=image, upscale=1, color_fix="none")
-    (default,) = nodes["OneStepSRUpscale"].run(prompt=PromptSpec("model default"), **kwargs)
-    (empty,) = nodes["OneStepSRUpscale"].run(prompt=PromptSpec("none"), **kwargs)
+    default, *_ = nodes["OneStepSRUpscale"].run(prompt=PromptSpec("model default"), **kwargs)
+    empty, *_ = nodes["OneStepSRUpscale"].run(prompt=PromptSpec("none"), **kwargs)
     chw = image[0].movedim(-1, 0)
     with_learned = pipe(chw, upscale=1, color_fix="none", prompt_embeds=learned, output_type="pt").images[0]
     ids = pipe.tokenizer("", padding="max_length", max_length=77, return_tensors="pt").input_ids
@@ -422,7 +477,7 @@ def test_prompt_extractor_tags_what_the_upscale_node_encodes(nodes, loaded_tagge
         expected_tags.append(loaded_tagger.tagger.tags(pil)[0])
     assert tags == "\n".join(expected_tags)
     assert spec.per_image == tuple(official_prompt(t, "x") for t in expected_tags)
-    (out,) = nodes["OneStepSRUpscale"].run(
+    out, *_ = nodes["OneStepSRUpscale"].run(
         **upscale_inputs(sr_model=osediff_node_pipe, image=image, upscale=2, color_fix="none", prompt=spec)
     )
     for i in range(2):
@@ -437,7 +492,7 @@ def test_whole_image_tags_apply_to_every_tile(nodes, loaded_tagger, osediff_node
     image = image_batch(1, 24, 24)
     spec, _ = nodes["OneStepSRPromptExtractor"].run(tagger=loaded_tagger, image=image, upscale=2, user_prompt="")
     tiles, _ = nodes["OneStepSRTileSplit"].run(image=image, tile_size=16, overlap=8)
-    (out,) = nodes["OneStepSRUpscale"].run(
+    out, *_ = nodes["OneStepSRUpscale"].run(
         **upscale_inputs(sr_model=osediff_node_pipe, image=tiles, upscale=2, color_fix="none", prompt=spec)
     )
     first = osediff_node_pipe.pipe(tiles[0].movedim(-1, 0), prompt=spec.per_image[0], upscale=2, color_fix="none",
