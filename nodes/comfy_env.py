@@ -223,11 +223,21 @@ def load_models(loaded, memory_required: int) -> None:
     if loaded.patchers is None:
         modules = [m for m in _modules_of(loaded) if isinstance(m, torch.nn.Module)]
         loaded.patchers = [
-            comfy.model_patcher.ModelPatcher(m, load_device=loaded.device, offload_device=loaded.rest_device,
-                                             size=mm.module_size(m))
+            comfy.model_patcher.ModelPatcher(Managed(m, loaded.rest_device), load_device=loaded.device,
+                                             offload_device=loaded.rest_device, size=mm.module_size(m))
             for m in modules
         ]  # fmt: skip
     mm.load_models_gpu(loaded.patchers, memory_required=memory_required, force_full_load=True)
+
+
+class Managed(torch.nn.Module):
+    """What a ModelPatcher holds: our module, plus the plain `device` attribute ComfyUI's patcher writes to
+    (diffusers models expose `device` as a read-only property)."""
+
+    def __init__(self, module: torch.nn.Module, device: torch.device):
+        super().__init__()
+        self.module = module
+        self.device = device
 
 
 def _modules_of(loaded) -> list:

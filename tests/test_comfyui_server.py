@@ -1,11 +1,15 @@
 """The pack inside a real ComfyUI server (skipped unless COMFYUI_PATH points to a ComfyUI checkout).
 
+The test copies that ComfyUI into its temp folder and installs the pack into the copy's custom_nodes/
+(a copy of this checkout, as a user's clone), so nothing outside the temp folder is used or changed.
 ComfyUI runs with its own interpreter: $COMFYUI_PYTHON, else <COMFYUI_PATH>/.venv/bin/python, else
-this one; it must have ComfyUI's requirements and this pack's requirements.txt installed.
+this one; it must have ComfyUI's requirements and this pack's requirements installed (`.ci/run` makes
+such a venv: see README, "Testing against a real ComfyUI").
 """
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -46,16 +50,46 @@ def get(url: str, timeout=10):
         return r.read()
 
 
+def install_comfyui(root: Path) -> Path:
+    """A private copy of COMFYUI_PATH (without anything installed in it) with this pack in its custom_nodes/."""
+    comfy = root / "ComfyUI"
+    top_level = {"custom_nodes", "models", "user", "output", "input", "temp", ".venv"}
+
+    def ignore(folder: str, names: list[str]) -> set[str]:
+        skip = top_level if Path(folder) == Path(COMFYUI) else set()
+        return {n for n in names if n in skip or n == "__pycache__"}
+
+    shutil.copytree(COMFYUI, comfy, ignore=ignore)
+    (comfy / "custom_nodes").mkdir()
+    skip = shutil.ignore_patterns(".git", "tests", "__pycache__", "*.egg-info", ".ruff_cache")
+    shutil.copytree(REPO, comfy / "custom_nodes" / "onestep-sr", ignore=skip)
+    return comfy
+
+
+def server_rss(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+def post(url: str, payload: dict) -> bytes:
+    request = urllib.request.Request(
+        url, data=json.dumps(payload).encode(), headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=30) as r:
+        return r.read()
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("comfyui")
+    comfy = install_comfyui(root)
     make_comfy_models(root)
-    (root / "custom_nodes").mkdir()
-    (root / "custom_nodes" / "onestep-sr").symlink_to(REPO, target_is_directory=True)
     for d in ("output", "user", "temp"):
         (root / d).mkdir()
     (root / "extra_model_paths.yaml").write_text(
-        f"onestep_test:\n    base_path: {root}\n    custom_nodes: custom_nodes\n    diffusers: models/diffusers\n"
+        f"onestep_test:\n    base_path: {root}\n    diffusers: models/diffusers\n"
         f"    onestep_sr: models/onestep_sr\n    checkpoints: models/checkpoints\n"
     )
     port = free_port()
@@ -83,7 +117,7 @@ def server(tmp_path_factory):
             "--disable-auto-launch",
             "--disable-metadata",
         ],
-        cwd=COMFYUI,
+        cwd=comfy,
         stdout=log,
         stderr=subprocess.STDOUT,
         env=env,
@@ -100,7 +134,7 @@ def server(tmp_path_factory):
                 log.flush()
                 pytest.fail(f"ComfyUI did not start:\n{(root / 'server.log').read_text()[-4000:]}")
             time.sleep(1)
-    yield {"url": url, "root": root, "log": root / "server.log"}
+    yield {"url": url, "root": root, "log": root / "server.log", "pid": proc.pid}
     proc.terminate()
     try:
         proc.wait(timeout=30)
@@ -156,6 +190,55 @@ def test_api_workflows_run_in_comfyui(server, name):
     out = server["root"] / f"{name}.png"
     out.write_bytes(data)
     assert Image.open(out).size == (4 * 32, 4 * 24)
+
+
+def test_a_hopeless_size_fails_fast_and_memory_comes_back(server):
+    """A 6000x4000 input at x4 is refused by the memory estimate before it is converted; after it (and POST /free)
+    the server's RSS is back within 0.5 GiB of where it was before the run."""
+    Image.new("RGB", (6000, 4000), (90, 120, 200)).save(server["root"] / "input" / "huge.png")
+    api = json.loads((WORKFLOWS / "api" / "osediff_upscale.json").read_text())
+    loader = next(k for k, v in api.items() if v["class_type"] == "LoadImage")
+    api[loader]["inputs"]["image"] = "huge.png"
+    post(f"{server['url']}/free", {"unload_models": True, "free_memory": True})
+    time.sleep(2)
+    before = server_rss(server["pid"])
+    started = time.time()
+    entry = run_prompt(server, api)
+    elapsed = time.time() - started
+    assert entry["status"]["status_str"] == "error"
+    messages = json.dumps(entry["status"]["messages"])
+    assert "24000x16000 output needs about" in messages and "Tile Split" in messages, messages[:2000]
+    assert elapsed < 60, f"refused only after {elapsed:.0f} s"
+    post(f"{server['url']}/free", {"unload_models": True, "free_memory": True})
+    time.sleep(3)
+    after = server_rss(server["pid"])
+    assert after - before < 0.5 * 2**30, f"RSS {before / 2**30:.2f} GiB before, {after / 2**30:.2f} GiB after"
+
+
+def test_cancel_takes_effect_within_seconds(server):
+    """Interrupt a run of a 1024 px input at x2 (about ten seconds of tiny-model work here) shortly after it starts;
+    the prompt must end as interrupted within a few seconds of the request."""
+    Image.new("RGB", (1024, 768), (30, 160, 90)).save(server["root"] / "input" / "big.png")
+    api = json.loads((WORKFLOWS / "api" / "osediff_upscale.json").read_text())
+    for node in api.values():
+        if node["class_type"] == "LoadImage":
+            node["inputs"]["image"] = "big.png"
+        if node["class_type"] == "OneStepSRUpscale":
+            node["inputs"]["upscale"] = 2
+    body = {"prompt": api, "client_id": str(uuid.uuid4())}
+    prompt_id = json.loads(post(f"{server['url']}/prompt", body))["prompt_id"]
+    time.sleep(3)
+    asked = time.time()
+    post(f"{server['url']}/interrupt", {})
+    while time.time() - asked < 60:
+        history = json.loads(get(f"{server['url']}/history/{prompt_id}"))
+        if prompt_id in history and history[prompt_id].get("status", {}).get("completed") is not None:
+            break
+        time.sleep(0.2)
+    latency = time.time() - asked
+    status = history[prompt_id]["status"]
+    assert status["status_str"] == "error" and "interrupt" in json.dumps(status["messages"]).lower(), status
+    assert latency < 5, f"cancel took {latency:.1f} s"
 
 
 def test_bad_input_is_a_node_error_not_a_crash(server):

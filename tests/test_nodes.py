@@ -202,7 +202,7 @@ def test_transparency_flows_as_masks(nodes, osediff_node_pipe, state):
     # the models are loaded through ComfyUI's model management, with the run's own memory estimate
     patchers, needed = state.loads[-1]
     modules = {id(m) for m in osediff_node_pipe.pipe.components.values() if isinstance(m, torch.nn.Module)}
-    assert {id(p.model) for p in patchers} == modules
+    assert {id(p.model.module) for p in patchers} == modules
     pipe = osediff_node_pipe.pipe
     plan = pipe.plan_tiling(pipe.latent_size((8, 6), 4))
     assert needed == pipe.estimate_memory(plan).peak > 0
