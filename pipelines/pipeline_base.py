@@ -134,9 +134,9 @@ class OneStepSRBase(DiffusionPipeline, abc.ABC):
         kwargs["local_files_only"] = True
         try:
             pipe = super().from_pretrained(folder, **kwargs)
+        except CheckpointError:
+            raise
         except (OSError, ValueError, RuntimeError, KeyError) as err:
-            if isinstance(err, CheckpointError):
-                raise
             raise CheckpointError(f"{folder}: could not be loaded as a {cls.__name__}: {err}") from err
         check_pipeline_weights(pipe, folder)
         pipe.check_config(folder)

@@ -10,6 +10,7 @@ import pickle
 import shutil
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -243,25 +244,24 @@ def test_hopeless_sizes_are_refused_before_the_input_is_converted(osediff_pipe_f
         osediff_pipe_fused(huge, upscale=4, output_type="pt")
 
 
-def test_non_finite_decode_is_a_clear_error(osediff_pipe_fused):
-    vae = osediff_pipe_fused.vae
-    weight = vae.decoder.conv_out.weight
+@contextmanager
+def nan_weight(weight: torch.Tensor):
+    """The weight filled with NaN inside (a module broken after its load checks), restored after."""
     saved = weight.detach().clone()
     try:
         with torch.no_grad():
             weight.fill_(float("nan"))
-        with pytest.raises(NonFiniteOutputError, match="VAE decode produced non-finite pixels"):
-            osediff_pipe_fused(torch.rand(3, 16, 16), upscale=1, output_type="pt")
+        yield
     finally:
         with torch.no_grad():
             weight.copy_(saved)
-    unet_weight = osediff_pipe_fused.unet.conv_out.weight
-    saved = unet_weight.detach().clone()
-    try:
-        with torch.no_grad():
-            unet_weight.fill_(float("nan"))
-        with pytest.raises(NonFiniteOutputError, match="denoiser produced non-finite latents"):
-            osediff_pipe_fused(torch.rand(3, 16, 16), upscale=1, output_type="pt")
-    finally:
-        with torch.no_grad():
-            unet_weight.copy_(saved)
+
+
+def test_non_finite_decode_is_a_clear_error(osediff_pipe_fused):
+    pipe, image = osediff_pipe_fused, torch.rand(3, 16, 16)
+    vae_decoder = nan_weight(pipe.vae.decoder.conv_out.weight)
+    with vae_decoder, pytest.raises(NonFiniteOutputError, match="VAE decode produced non-finite pixels"):
+        pipe(image, upscale=1, output_type="pt")
+    unet = nan_weight(pipe.unet.conv_out.weight)
+    with unet, pytest.raises(NonFiniteOutputError, match="denoiser produced non-finite latents"):
+        pipe(image, upscale=1, output_type="pt")

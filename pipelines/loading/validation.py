@@ -7,10 +7,10 @@ allocator error from deep inside torch:
 
 - tensors: floating point (fp32/fp16/bf16) and finite; the only integer tensors accepted are the
   index buffers official checkpoints carry beside their weights (never loaded as weights);
-- diffusers/transformers component folders, read from their safetensors headers before any weight is
-  allocated: every expected key present, no unexpected key, every shape as the config implies, config
-  values in sane ranges, the weights' size against the memory free for them; pickle-based `.bin`
-  components are refused (safetensors only);
+- diffusers/transformers component folders: before any weight is allocated, from config.json and the
+  safetensors headers, config values in sane ranges, float dtypes and the weights' size against the
+  memory free for them (pickle-based `.bin` components are refused: safetensors only); after loading,
+  the library's own report must list no missing, unexpected or mis-shaped weight, and all are finite;
 - pipeline folders: `model_index.json` names only known components of known libraries (no custom
   code is ever imported), each resolved inside the folder (no absolute or `..` names, no symlink out).
 """
@@ -22,7 +22,7 @@ import json
 import math
 import os
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -223,35 +223,28 @@ def component_weight_files(folder: Path) -> list[Path]:
     raise CheckpointError(f"{folder}: no weights (expected {WEIGHT_FILE_NAMES[0]}.safetensors or model.safetensors)")
 
 
-def check_model_folder(
-    folder: Path, model_cls: type, root: Path | None = None, dtype: torch.dtype | None = None
-) -> None:
-    """A diffusers/transformers model folder, checked from its config and safetensors headers only."""
-    root = root or folder
+def check_model_folder(folder: Path, model_cls: type, dtype: torch.dtype | None = None) -> None:
+    """A diffusers/transformers model folder, checked from its config and safetensors headers only (nothing
+    allocated; `dtype`: the one it will be loaded in, for the size check)."""
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: missing (expected a {model_cls.__name__} folder)")
-    check_files_inside(root, folder)
     config = read_json(folder / "config.json")
     check_config(config, folder / "config.json")
-    files = component_weight_files(folder)
-    for path in files:
-        for key, (dtype_name, _) in safetensors_header(path).items():
+    size = 0
+    for path in component_weight_files(folder):
+        for key, (dtype_name, shape) in safetensors_header(path).items():
             if dtype_name not in SAFETENSORS_DTYPES and not key.endswith(INDEX_BUFFER_SUFFIXES):
                 raise CheckpointError(
                     f"{path}: {key!r} is stored as {dtype_name}; weights must be fp32, fp16 or bf16 (F32/F16/BF16)"
                 )
-    check_weights_fit(folder, files, dtype)
+            size += math.prod(shape) * (dtype or SAFETENSORS_DTYPES.get(dtype_name, torch.float32)).itemsize
+    check_weights_fit(folder, size)
 
 
-def check_weights_fit(folder: Path, files: Iterable[Path], dtype: torch.dtype | None) -> None:
-    """The weights' size at the target dtype against the memory free for them (before allocating)."""
+def check_weights_fit(folder: Path, size: int) -> None:
+    """The weights' size (bytes at the target dtype) against the memory free for them (before allocating)."""
     from ..tiling.memory import available_memory, format_bytes
 
-    size = 0
-    for path in files:
-        for dtype_name, shape in safetensors_header(path).values():
-            itemsize = (dtype or SAFETENSORS_DTYPES.get(dtype_name, torch.float32)).itemsize
-            size += math.prod(shape) * itemsize
     free = available_memory(torch.device("cpu"))
     if size > free:
         raise CheckpointError(
@@ -284,15 +277,16 @@ def check_pipeline_folder(folder: str | os.PathLike, pipeline_cls: type) -> tupl
             raise CheckpointError(
                 f"{root}: model_index.json has a component {name!r}; {pipeline_cls.__name__} has {sorted(expected)}"
             )
-        if len(entry) != 2 or entry == [None, None] or list(entry) == [None, None]:
+        if len(entry) != 2:
+            raise CheckpointError(f"{root}: component {name!r} has a malformed entry {entry!r}")
+        if list(entry) == [None, None]:  # an optional component left out
             continue
         library, cls_name = entry
         component_cls = resolve_component_class(root, name, library, cls_name)
         path = inside(root, name)
         if not path.is_dir():
             raise CheckpointError(f"{root}: component {name!r} is listed in model_index.json but {path} is missing")
-        check_files_inside(root, path)
-        components[name] = component_cls
+        components[name] = component_cls  # its files are checked by load_component
     return root, components
 
 
@@ -317,13 +311,13 @@ def resolve_component_class(root: Path, name: str, library: Any, cls_name: Any) 
     return component_cls
 
 
-def check_component(root: Path, path: Path, component_cls: type) -> None:
-    from diffusers import ModelMixin
+def check_component(root: Path, path: Path, component_cls: type, dtype: torch.dtype | None = None) -> None:
     from diffusers.configuration_utils import ConfigMixin
-    from transformers import PreTrainedModel
 
-    if issubclass(component_cls, (ModelMixin, PreTrainedModel)):
-        check_model_folder(path, component_cls, root)
+    if path.is_dir():
+        check_files_inside(root, path)
+    if _is_model_class(component_cls):
+        check_model_folder(path, component_cls, dtype)
     elif issubclass(component_cls, ConfigMixin):  # schedulers
         for config in path.glob("*.json"):
             check_config(read_json(config), config)
@@ -332,19 +326,6 @@ def check_component(root: Path, path: Path, component_cls: type) -> None:
         if config.is_file():
             data = read_json(config)
             check_config({k: v for k, v in data.items() if k == "model_max_length"}, config)
-
-
-def _patterns(cls: type, attr: str) -> list[str]:
-    return list(getattr(cls, attr, None) or [])
-
-
-def _tied_keys(cls: type) -> list[str]:
-    tied = getattr(cls, "_tied_weights_keys", None) or []
-    return list(tied.keys() if isinstance(tied, dict) else tied)
-
-
-def _matches(key: str, patterns: list[str]) -> bool:
-    return any(re.search(p, key) for p in patterns)
 
 
 def _few(keys: list[str], n: int = 5) -> str:
@@ -373,7 +354,7 @@ def load_component(
     path = inside(root, subfolder, "subfolder") if subfolder else root
     if loader is None and getattr(component_cls, "validates_on_load", False):
         return component_cls.from_pretrained(path, **kwargs)  # its from_pretrained calls this function itself
-    check_component(root, path, component_cls)
+    check_component(root, path, component_cls, kwargs.get("torch_dtype"))
     loader = loader or component_cls.from_pretrained
     kwargs["local_files_only"] = True
     model = _is_model_class(component_cls)
