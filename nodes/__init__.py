@@ -7,6 +7,9 @@ ComfyUI the pack logs one line and registers nothing; outside ComfyUI it registe
 import logging
 
 MIN_COMFYUI = "0.3.48"
+# The frontend extension (served by ComfyUI from this folder, relative to the pack): new-node defaults and the
+# reading of values older workflows stored (nodes/web/onestep_sr.js).
+WEB_DIRECTORY = "./nodes/web"
 logger = logging.getLogger("onestep_sr")
 
 
@@ -29,4 +32,4 @@ def comfy_registration() -> dict:
     from .sr_nodes import comfy_entrypoint
 
     comfy_env.register_model_folder()
-    return {"comfy_entrypoint": comfy_entrypoint}
+    return {"comfy_entrypoint": comfy_entrypoint, "WEB_DIRECTORY": WEB_DIRECTORY}

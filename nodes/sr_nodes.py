@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from comfy_api.latest import ComfyExtension, io
 
+from ..pipelines.images import MAX_OUTPUT_SIDE
 from ..pipelines.methods import registered_methods
 from ..pipelines.options import BLEND_MODES, COLOR_FIX_METHODS, DEVICE_NAMES, DTYPE_NAMES, LATENT_SAMPLING_MODES
 from . import comfy_env
@@ -16,8 +17,13 @@ from .values import (
     PIPE_TYPE,
     PROMPT_MODES,
     PROMPT_TYPE,
+    SIZE_MODES,
     TAGGER_TYPE,
+    TILE_OVERLAP,
+    TILE_SIZE,
     TILES_TYPE,
+    VAE_TILE_SIZE,
+    SizeChoice,
     extract_prompts,
     load_sr_model,
     load_tagger_model,
@@ -27,7 +33,9 @@ from .values import (
     upscale_batch,
 )
 
+# Core ComfyUI lists model loaders under "loaders" (Load Upscale Model) and upscalers under "image/upscaling".
 CATEGORY = "image/upscaling/one-step SR"
+LOADERS_CATEGORY = "loaders/one-step SR"
 SRPipe = io.Custom(PIPE_TYPE)
 SRPrompt = io.Custom(PROMPT_TYPE)
 SRTiles = io.Custom(TILES_TYPE)
@@ -56,9 +64,13 @@ def _placement_inputs(what: str) -> list:
     ]
 
 
-def _auto(value: int, auto_below: int):
-    """Node widgets spell "auto" as 0 (sizes) or -1 (overlap); the pipelines take the string."""
-    return "auto" if value < auto_below else value
+def _size_input(choice: SizeChoice, tooltip: str) -> io.Combo.Input:
+    return io.Combo.Input(
+        choice.name,
+        options=choice.options,
+        default="auto",
+        tooltip=f"{tooltip} Any whole number from {choice.lowest} to {choice.highest} is accepted through the API.",
+    )
 
 
 class OneStepSRModelLoader(io.ComfyNode):
@@ -69,8 +81,8 @@ class OneStepSRModelLoader(io.ComfyNode):
         methods = registered_methods()
         return io.Schema(
             node_id="OneStepSRModelLoader",
-            display_name="One-step SR Model Loader",
-            category=CATEGORY,
+            display_name="OSEDiff / TSD-SR / TAD-SR Loader (one-step SR)",
+            category=LOADERS_CATEGORY,
             description=f"Loads a base model plus one-step SR weights ({_method_names()}); the method is detected "
             "from the files. Cached by ComfyUI while the inputs stay the same.",
             inputs=[
@@ -135,7 +147,7 @@ class OneStepSRPrompt(io.ComfyNode):
                     tooltip="Optional prompt from another node; when connected it is used as the text.",
                 ),
             ],
-            outputs=[SRPrompt.Output(display_name="prompt", tooltip="Conditioning choice for One-step SR Upscale.")],
+            outputs=[SRPrompt.Output(display_name="prompt", tooltip="Conditioning choice for One-step Super-Resolution Upscale.")],
         )
 
     @classmethod
@@ -146,17 +158,15 @@ class OneStepSRPrompt(io.ComfyNode):
 class OneStepSRUpscale(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        tile_help = (
-            "latent pixels (x8 image pixels for SD); 0 = automatic (from free memory; the method's official size)"
-        )
         return io.Schema(
             node_id="OneStepSRUpscale",
-            display_name="One-step SR Upscale",
+            display_name="One-step Super-Resolution Upscale",
             category=CATEGORY,
-            description="Upscales an image batch with one denoising step (items one at a time). RGBA: alpha is "
-            "upscaled separately and re-attached; grayscale is treated as RGB. Cancel stops between tiles.",
+            description=f"One-step diffusion super-resolution ({_method_names()}): upscales an image batch with one "
+            "denoising step (items one at a time). RGBA: alpha is upscaled separately and re-attached; grayscale is "
+            "treated as RGB. Progress and Cancel work in every stage.",
             inputs=[
-                SRPipe.Input("sr_model", tooltip="From One-step SR Model Loader."),
+                SRPipe.Input("sr_model", tooltip="From the OSEDiff / TSD-SR / TAD-SR Loader."),
                 io.Image.Input("image", tooltip="Images to upscale (any batch size)."),
                 io.Int.Input(
                     "upscale",
@@ -164,7 +174,8 @@ class OneStepSRUpscale(io.ComfyNode):
                     min=1,
                     max=8,
                     step=1,
-                    tooltip="Scale factor: the output is exactly this many times the input size.",
+                    tooltip="Scale factor: the output is exactly this many times the input size (with size_mode "
+                    "'target long side', this many times the resized input).",
                 ),
                 io.Combo.Input(
                     "color_fix",
@@ -172,25 +183,16 @@ class OneStepSRUpscale(io.ComfyNode):
                     default="auto",
                     tooltip="Colour correction against the input. auto: the method's own.",
                 ),
-                io.Int.Input(
-                    "tile_size", default=0, min=0, max=512, step=8, tooltip="Denoiser tile size in " + tile_help
+                _size_input(
+                    TILE_SIZE,
+                    "Denoiser tile size in latent pixels (x8 image pixels for SD, x4 for ResShift). auto: the method's "
+                    "official size, smaller when free memory needs it.",
                 ),
-                io.Int.Input(
-                    "tile_overlap",
-                    default=-1,
-                    min=-1,
-                    max=256,
-                    step=1,
-                    tooltip="Denoiser tile overlap in latent pixels; -1 = the method's default.",
-                ),
-                io.Int.Input(
-                    "vae_tile_size",
-                    default=0,
-                    min=0,
-                    max=4096,
-                    step=64,
-                    tooltip="VAE tile size in image pixels; 0 = automatic (512). Tiled VAE gives the untiled result "
-                    "(statistics are pooled over the whole image).",
+                _size_input(TILE_OVERLAP, "Denoiser tile overlap in latent pixels. auto: the method's default."),
+                _size_input(
+                    VAE_TILE_SIZE,
+                    "VAE tile size in image pixels. auto: 512. Tiled VAE gives the untiled result (statistics are "
+                    "pooled over the whole image).",
                 ),
                 io.Int.Input(
                     "seed",
@@ -198,7 +200,9 @@ class OneStepSRUpscale(io.ComfyNode):
                     min=0,
                     max=2**63 - 1,
                     control_after_generate=True,
-                    tooltip="Seed for latent_sampling 'sample' (batch item i uses seed + i).",
+                    tooltip="Only used where sampling draws noise: latent_sampling 'sample', and methods that add "
+                    "noise to the input (ResShift, SinSR, TAD-SR). Batch item i uses seed + i. New nodes keep it "
+                    "fixed, so a re-queue does not re-run the node.",
                 ),
                 io.Combo.Input(
                     "latent_sampling",
@@ -231,6 +235,24 @@ class OneStepSRUpscale(io.ComfyNode):
                     tooltip="Optional transparency (a MASK, 1 = transparent, as Load Image gives): upscaled with the "
                     "image, it replaces the image's own alpha channel.",
                 ),
+                io.Combo.Input(
+                    "size_mode",
+                    options=list(SIZE_MODES),
+                    default=SIZE_MODES[0],
+                    optional=True,
+                    tooltip="upscale factor: the output is upscale x the input. target long side: the input is "
+                    "first resized (bicubic) so that the output's long side is target_long_side (rounded to a "
+                    "multiple of upscale); the model still upscales by exactly upscale.",
+                ),
+                io.Int.Input(
+                    "target_long_side",
+                    default=2048,
+                    min=16,
+                    max=MAX_OUTPUT_SIDE,
+                    step=8,
+                    optional=True,
+                    tooltip="Output long side in pixels for size_mode 'target long side' (ignored otherwise).",
+                ),
             ],
             outputs=[
                 io.Image.Output(display_name="image", tooltip="The upscaled images (same channels as the input)."),
@@ -242,34 +264,51 @@ class OneStepSRUpscale(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, tile_size, tile_overlap, vae_tile_size) -> bool | str:
+        """The size widgets take "auto", a listed size, any whole number in range (API), or the 0/-1 that older
+        workflows stored for auto: ComfyUI's list check is replaced by this one."""
+        try:
+            for choice, value in ((TILE_SIZE, tile_size), (TILE_OVERLAP, tile_overlap), (VAE_TILE_SIZE, vae_tile_size)):
+                if value is not None:  # None: linked from another node, parsed when the node runs
+                    choice.parse(value)
+        except ValueError as err:
+            return str(err)
+        return True
+
+    @classmethod
     def execute(
         cls,
         sr_model,
         image,
         upscale: int,
         color_fix: str,
-        tile_size: int,
-        tile_overlap: int,
-        vae_tile_size: int,
+        tile_size,
+        tile_overlap,
+        vae_tile_size,
         seed: int,
         latent_sampling: str,
         tile_batch_size: int = 1,
         blend: str = "gaussian",
         prompt=None,
         mask=None,
+        size_mode: str = SIZE_MODES[0],
+        target_long_side: int = 2048,
     ) -> io.NodeOutput:
+        if size_mode not in SIZE_MODES:
+            raise ValueError(f"size_mode must be one of {', '.join(SIZE_MODES)}; got {size_mode!r}")
         images, masks = upscale_batch(
             sr_model,
             image,
             prompt,
             seed,
             mask,
+            target_long_side=target_long_side if size_mode == "target long side" else None,
             upscale=upscale,
             color_fix=None if color_fix == "auto" else color_fix,
             latent_sampling=latent_sampling,
-            tile_size=_auto(tile_size, 1),
-            tile_overlap=_auto(tile_overlap, 0),
-            vae_tile_size=_auto(vae_tile_size, 1),
+            tile_size=TILE_SIZE.parse(tile_size),
+            tile_overlap=TILE_OVERLAP.parse(tile_overlap),
+            vae_tile_size=VAE_TILE_SIZE.parse(vae_tile_size),
             tile_batch_size=tile_batch_size,
             blend=blend,
         )
@@ -286,8 +325,8 @@ class OneStepSRTaggerLoader(io.ComfyNode):
         lora_default = next((f for f in files if f.endswith(DAPE_FILE.name)), NO_LORA)
         return io.Schema(
             node_id="OneStepSRTaggerLoader",
-            display_name="One-step SR Tagger Loader (DAPE)",
-            category=CATEGORY,
+            display_name="DAPE Tagger Loader (OSEDiff prompts)",
+            category=LOADERS_CATEGORY,
             description="Loads OSEDiff's prompt extractor: the RAM tagger plus the DAPE LoRA (merged), from "
             "models/onestep_sr or models/RAM.",
             inputs=[
@@ -325,13 +364,13 @@ class OneStepSRPromptExtractor(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="OneStepSRPromptExtractor",
-            display_name="One-step SR Prompt Extractor (DAPE tags)",
+            display_name="DAPE Prompt Extractor (OSEDiff tags)",
             category=CATEGORY,
             description="Tags each image as OSEDiff does (the image upsampled as the Upscale node will encode it) and "
             "builds the official prompt 'TAGS, USER PROMPT,'. For Split -> Upscale -> Stitch, give it the whole "
             "image: its prompt then applies to every tile.",
             inputs=[
-                SRTagger.Input("tagger", tooltip="From One-step SR Tagger Loader."),
+                SRTagger.Input("tagger", tooltip="From the DAPE Tagger Loader."),
                 io.Image.Input("image", tooltip="The images the Upscale node will get (tags per batch item)."),
                 io.Int.Input(
                     "upscale",
@@ -344,7 +383,7 @@ class OneStepSRPromptExtractor(io.ComfyNode):
                 io.String.Input("user_prompt", default="", tooltip="Text after the tags: 'TAGS, USER PROMPT,'."),
             ],
             outputs=[
-                SRPrompt.Output(display_name="prompt", tooltip="Per-image prompts for One-step SR Upscale."),
+                SRPrompt.Output(display_name="prompt", tooltip="Per-image prompts for One-step Super-Resolution Upscale."),
                 io.String.Output(display_name="tags", tooltip="The tags, one line per image (to show or edit)."),
             ],
         )

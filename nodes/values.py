@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from ..pipelines.images import input_size_for_long_side, resize_planes
 from ..pipelines.loading import resolve_device, resolve_dtype
 from ..pipelines.methods import load_pipeline
 from ..pipelines.options import DTYPES
@@ -22,6 +23,52 @@ PIPE_TYPE = "ONESTEP_SR_PIPE"
 PROMPT_TYPE = "ONESTEP_SR_PROMPT"
 TILES_TYPE = "ONESTEP_SR_TILES"
 PROMPT_MODES = ("model default", "text", "none")
+SIZE_MODES = ("upscale factor", "target long side")
+
+
+@dataclass(frozen=True)
+class SizeChoice:
+    """A tile-size widget: "auto" or a size, offered as a list of common sizes.
+
+    Workflows saved by earlier versions stored these as numbers, "auto" being 0 (sizes) or -1 (overlap);
+    `parse` still reads them (as the UI extension does, nodes/web), and any whole number in range is accepted
+    from the API, listed or not."""
+
+    name: str
+    sizes: tuple[int, ...]
+    lowest: int
+    highest: int
+    legacy_auto_below: int  # stored numbers below this meant "auto"
+
+    @property
+    def options(self) -> list[str]:
+        return ["auto", *map(str, self.sizes)]
+
+    def parse(self, value: Any) -> str | int:
+        """ "auto" or the size as an int; ValueError naming the widget and what it takes."""
+        number = value
+        if isinstance(value, str):
+            text = value.strip().lower()
+            if text == "auto":
+                return "auto"
+            number = int(text) if text.lstrip("-").isdigit() else None
+        if isinstance(number, bool) or not isinstance(number, int):
+            raise ValueError(
+                f"{self.name}: expected 'auto' or a whole number from {self.lowest} to {self.highest}, got {value!r}"
+            )
+        if number < self.legacy_auto_below:
+            return "auto"
+        if not self.lowest <= number <= self.highest:
+            raise ValueError(f"{self.name}: {number} is outside {self.lowest}..{self.highest} (or 'auto')")
+        return number
+
+
+# latent pixels for the denoiser (x8 image pixels for SD, x4 for ResShift); image pixels for the VAE
+TILE_SIZE = SizeChoice("tile_size", (32, 48, 64, 80, 96, 128, 192, 256, 384, 512), 8, 512, legacy_auto_below=1)
+TILE_OVERLAP = SizeChoice("tile_overlap", (0, 4, 8, 16, 24, 32, 48, 64, 96, 128), 0, 256, legacy_auto_below=0)
+VAE_TILE_SIZE = SizeChoice(
+    "vae_tile_size", (256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096), 64, 4096, legacy_auto_below=1
+)
 
 
 @dataclass
@@ -128,16 +175,20 @@ def upscale_batch(
     prompt: PromptSpec | None,
     seed: int,
     mask: torch.Tensor | None = None,
+    target_long_side: int | None = None,
     **options: Any,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Each batch item through the pipeline in turn (bounded memory), on ComfyUI's progress bar.
 
     Returns (images, masks): the images keep the input's channel count (RGBA stays RGBA); the masks are ComfyUI
     MASKs (1 = transparent, as LoadImage's) of the upscaled alpha: the image's own alpha channel, or `mask`
-    when one is connected (it then replaces the alpha), else all zeros.
+    when one is connected (it then replaces the alpha), else all zeros. With `target_long_side` the images (and
+    mask) are first resized so that the output's long side is that many pixels (see input_size_for_long_side).
     """
     image = check_image(image)
     mask = check_mask(mask, image) if mask is not None else None
+    if target_long_side is not None:
+        image, mask = resize_for_long_side(image, mask, options.get("upscale", 4), target_long_side)
     pipe = sr_model.pipe
     spec = prompt or PromptSpec()
     batch = image.shape[0]
@@ -164,6 +215,16 @@ def upscale_batch(
             outputs.append(result[:keep].movedim(0, -1).cpu())
             del result
     return torch.stack(outputs), torch.stack(masks).cpu()
+
+
+def resize_for_long_side(
+    image: torch.Tensor, mask: torch.Tensor | None, upscale: int, long_side: int
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """IMAGE (and MASK) batches resized so that `upscale` x them has the long side `long_side`."""
+    size = input_size_for_long_side(tuple(image.shape[1:3]), upscale, long_side)
+    image = resize_planes(image.movedim(-1, 1).float(), size).movedim(1, -1)
+    mask = None if mask is None else resize_planes(mask[:, None].float(), size)[:, 0]
+    return image, mask
 
 
 def check_mask(mask: Any, image: torch.Tensor) -> torch.Tensor:

@@ -201,6 +201,28 @@ def check_upscale(upscale: Any, size: tuple[int, int]) -> int:
     return int(upscale)
 
 
+def input_size_for_long_side(size: tuple[int, int], upscale: int, long_side: int) -> tuple[int, int]:
+    """The (height, width) an input of `size` is resized to first so that `upscale` times it has the long side
+    `long_side`, aspect ratio kept. The model output stays exactly `upscale` x its input, so the output's long side
+    is `long_side` rounded to the nearest multiple of `upscale`."""
+    upscale = check_upscale(upscale, (1, 1))
+    if isinstance(long_side, bool) or not isinstance(long_side, (int, np.integer)) or long_side < upscale:
+        raise ValueError(f"target long side must be a whole number of pixels >= upscale ({upscale}), got {long_side!r}")
+    if long_side > MAX_OUTPUT_SIDE:
+        raise ImageInputError(f"target long side {long_side} exceeds the largest side supported, {MAX_OUTPUT_SIDE}")
+    h, w = size
+    scale = max(1, round(long_side / upscale)) / max(h, w)
+    return max(1, round(h * scale)), max(1, round(w * scale))
+
+
+def resize_planes(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(N, C, H, W) float images in [0, 1] resized to (height, width) with Pillow's bicubic filter per plane
+    (antialiased when shrinking), in float32 so no precision is lost."""
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    return torch.cat([_pil_float_resize(item[None], (size[1], size[0])) for item in x]).to(x.dtype)
+
+
 def upsample_pil_bicubic(image: LQImage, upscale: int) -> LQImage:
     """Upsample as the official OSEDiff code does: Pillow's BICUBIC filter.
 

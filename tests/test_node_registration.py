@@ -2,10 +2,12 @@
 
 import asyncio
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
+import onestep_sr
 from onestep_sr.nodes import comfy_registration
 
 import comfy_harness
@@ -46,15 +48,19 @@ def test_v3_comfyui_gets_the_entrypoint_only(clean_modules, tmp_path):
     comfy_harness.install(tmp_path, tmp_path)
     comfy_harness.install_v3()
     exported = comfy_registration()
-    assert set(exported) == {"comfy_entrypoint"}
+    assert set(exported) == {"comfy_entrypoint", "WEB_DIRECTORY"}
+    # the frontend extension ComfyUI serves (relative to the pack folder, as ComfyUI resolves it)
+    web = Path(onestep_sr.__file__).parent / exported["WEB_DIRECTORY"]
+    assert (web / "onestep_sr.js").is_file()
     extension = asyncio.run(exported["comfy_entrypoint"]())
     node_classes = asyncio.run(extension.get_node_list())
-    from onestep_sr.nodes.sr_nodes import CATEGORY
+    from onestep_sr.nodes.sr_nodes import CATEGORY, LOADERS_CATEGORY
 
     assert [c.__name__ for c in node_classes] == NODE_IDS
     for cls in node_classes:
         schema = cls.define_schema()
-        assert schema.node_id == cls.__name__ and schema.category == CATEGORY and schema.description
+        category = LOADERS_CATEGORY if schema.node_id.endswith("Loader") else CATEGORY
+        assert schema.node_id == cls.__name__ and schema.category == category and schema.description
         for i in schema.inputs:
             assert i.kwargs["tooltip"], f"{schema.node_id}.{i.id} has no tooltip"
         assert all(o.kwargs["tooltip"] for o in schema.outputs)

@@ -1,5 +1,6 @@
 """ComfyUI nodes without ComfyUI: V3 schemas, execute functions, workflows, bad inputs (tests/comfy_harness.py)."""
 
+import io
 import json
 from pathlib import Path
 
@@ -55,10 +56,11 @@ def osediff_node_pipe(nodes):
     return sr
 
 
-# the Upscale node's widgets as a new node has them (0 / -1 = auto)
+# the Upscale node's widgets as a new node has them
 UPSCALE_DEFAULTS = dict(
-    upscale=4, color_fix="auto", tile_size=0, tile_overlap=-1, vae_tile_size=0, seed=0, latent_sampling="mode"
-)
+    upscale=4, color_fix="auto", tile_size="auto", tile_overlap="auto", vae_tile_size="auto", seed=0,
+    latent_sampling="mode",
+)  # fmt: skip
 
 
 def upscale_inputs(**kw) -> dict:
@@ -74,13 +76,15 @@ def schema_inputs(node_id: str) -> dict:
 
 
 def test_schemas_have_ids_categories_and_tooltips(comfy):
-    from onestep_sr.nodes.sr_nodes import CATEGORY
+    from onestep_sr.nodes.sr_nodes import CATEGORY, LOADERS_CATEGORY
 
     classes = comfy_harness.node_classes()
     assert list(classes) == NODE_IDS
     for name, cls in classes.items():
         schema = cls.define_schema()
-        assert schema.category == CATEGORY and schema.display_name and schema.description
+        # loaders where core ComfyUI lists its model loaders, the rest beside its upscalers
+        expected = LOADERS_CATEGORY if name.endswith("Loader") else CATEGORY
+        assert schema.category == expected and schema.display_name and schema.description
         for i in schema.inputs:
             assert i.kwargs.get("tooltip"), f"{name}.{i.id} has no tooltip"
         assert all(o.kwargs.get("tooltip") and o.kwargs.get("display_name") for o in schema.outputs)
@@ -341,6 +345,11 @@ def test_ui_workflow_is_its_api_twin(comfy, name):
     assert (ui, api) == build(workflow_graphs()[name])
 
 
+def _size(value):
+    """A size widget's value as the pipelines take it (the independent reading of the widget's meaning)."""
+    return "auto" if value == "auto" else int(value)
+
+
 def _fits(spec, value) -> bool:
     kw = spec.kwargs
     if spec.io_type == "COMBO":
@@ -373,7 +382,7 @@ def test_every_widget_value_of_a_shared_workflow_lands_on_its_input(comfy, name)
 @pytest.mark.parametrize("name", sorted(workflow_graphs()))
 def test_api_workflows_run_end_to_end(comfy, name):
     api = json.loads((WORKFLOWS / "api" / f"{name}.json").read_text())
-    if name == "split_process_stitch":  # the 32x24 test image needs smaller tiles to really be split
+    if name == "OSEDiff tile split and stitch":  # the 32x24 test image needs smaller tiles to really be split
         split = next(n for n in api.values() if n["class_type"] == "OneStepSRTileSplit")
         split["inputs"].update(tile_size=16, overlap=8)
     saved = comfy_harness.run_workflow(api, comfy["input"])
@@ -384,26 +393,26 @@ def test_api_workflows_run_end_to_end(comfy, name):
     # values: the graph gives what the library gives for the same settings (auto dtype, official colour fix)
     from onestep_sr import load_pipeline
 
-    if name in ("osediff_upscale", "large_image_tiled", "osediff_dape_upscale", "tadsr_upscale"):
+    if "TSD-SR" not in name and "split" not in name:
         upscale = next(n for n in api.values() if n["class_type"] == "OneStepSRUpscale")["inputs"]
         # the DAPE workflow: the library pipeline with the tagger as a component gives the same image
         tagger = (DAPE_PARITY / "model" / "ram_tiny_base.pth", DAPE_PARITY / "model" / "dape_tiny.pth")
-        if name == "tadsr_upscale":  # the seed widget drives the noise: seed S is a CPU generator seeded S
+        if name.startswith("TAD-SR"):  # the seed widget drives the noise: seed S is a CPU generator seeded S
             files = (
                 TADSR_PARITY / "models" / "autoencoder_vq_f4_tiny_A.pth",
                 TADSR_PARITY / "models" / "tadsr_tiny_A.pth",
             )
         else:
             files = (OSEDIFF_PARITY / "tiny-sd21", OSEDIFF_PARITY / "osediff_tiny.pkl")
-        pipe = load_pipeline(*files, dtype="auto", tagger=tagger if name == "osediff_dape_upscale" else None)
+        pipe = load_pipeline(*files, dtype="auto", tagger=tagger if "DAPE" in name else None)
         pipe.set_progress_bar_config(disable=True)
         expected = pipe(
             Image.open(comfy["input"] / "example.png"),
             generator=torch.Generator().manual_seed(upscale["seed"]),
             output_type="pt",
-            tile_size=upscale["tile_size"] or "auto",
-            tile_overlap="auto" if upscale["tile_overlap"] < 0 else upscale["tile_overlap"],
-            vae_tile_size=upscale["vae_tile_size"] or "auto",
+            tile_size=_size(upscale["tile_size"]),
+            tile_overlap=_size(upscale["tile_overlap"]),
+            vae_tile_size=_size(upscale["vae_tile_size"]),
         ).images[0]
         torch.testing.assert_close(images[0], expected.permute(1, 2, 0), atol=1e-6, rtol=0)
 
@@ -498,3 +507,132 @@ def test_whole_image_tags_apply_to_every_tile(nodes, loaded_tagger, osediff_node
     first = osediff_node_pipe.pipe(tiles[0].movedim(-1, 0), prompt=spec.per_image[0], upscale=2, color_fix="none",
                                    output_type="pt").images[0]  # fmt: skip
     torch.testing.assert_close(out[0], first.movedim(0, -1), atol=1e-6, rtol=0)
+
+
+# ---------------------------------------------------------------------------- workflows saved by earlier versions
+
+LEGACY = Path(__file__).parent / "data" / "legacy_workflows"  # as shipped before "auto" became a list choice
+LEGACY_NAMES = {
+    "osediff_upscale": "OSEDiff 4x upscale",
+    "large_image_tiled": "OSEDiff large image (tiled)",
+    "split_process_stitch": "OSEDiff tile split and stitch",
+    "tsdsr_upscale": "TSD-SR 4x upscale",
+    "tadsr_upscale": "TAD-SR 4x upscale",
+    "osediff_dape_upscale": "OSEDiff 4x upscale with DAPE prompts",
+}
+
+
+@pytest.mark.parametrize("legacy", sorted(LEGACY_NAMES))
+def test_workflows_saved_with_numbers_for_auto_still_load_and_run(comfy, legacy):
+    """Old files store the size widgets as numbers (0 / -1 for auto) and lack the size_mode widgets: every value
+    still lands on its input and is accepted (the Upscale node's own validation replaces the list check), and
+    the old API file gives the same image as today's twin."""
+    from onestep_sr.nodes.sr_nodes import OneStepSRUpscale
+
+    ui = json.loads((LEGACY / f"{legacy}.json").read_text())
+    upscale = next(n for n in ui["nodes"] if n["type"] == "OneStepSRUpscale")
+    by_name = widget_values_by_name(upscale)
+    assert "size_mode" not in by_name and isinstance(by_name["tile_size"], int)
+    assert OneStepSRUpscale.validate_inputs(
+        by_name["tile_size"], by_name["tile_overlap"], by_name["vae_tile_size"]
+    ) is True  # fmt: skip
+    inputs = schema_inputs("OneStepSRUpscale")
+    for name, value in by_name.items():
+        if name not in ("tile_size", "tile_overlap", "vae_tile_size"):
+            assert _fits(inputs[name], value), name
+    old_api = json.loads((LEGACY / "api" / f"{legacy}.json").read_text())
+    new_api = json.loads((WORKFLOWS / "api" / f"{LEGACY_NAMES[legacy]}.json").read_text())
+    (old,) = comfy_harness.run_workflow(old_api, comfy["input"]).values()
+    (new,) = comfy_harness.run_workflow(new_api, comfy["input"]).values()
+    torch.testing.assert_close(old[0], new[0], atol=0, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("choice", "value", "parsed"),
+    [
+        ("TILE_SIZE", "auto", "auto"), ("TILE_SIZE", 0, "auto"), ("TILE_SIZE", "64", 64), ("TILE_SIZE", 200, 200),
+        ("TILE_SIZE", " 96 ", 96), ("TILE_OVERLAP", -1, "auto"), ("TILE_OVERLAP", 0, 0), ("TILE_OVERLAP", "0", 0),
+        ("VAE_TILE_SIZE", 0, "auto"), ("VAE_TILE_SIZE", "1024", 1024),
+    ],
+)  # fmt: skip
+def test_size_widgets_read_auto_sizes_and_legacy_numbers(comfy, choice, value, parsed):
+    from onestep_sr.nodes import values
+
+    assert getattr(values, choice).parse(value) == parsed
+
+
+@pytest.mark.parametrize(
+    ("tile_size", "tile_overlap", "vae_tile_size", "message"),
+    [
+        ("big", "auto", "auto", "tile_size: expected 'auto' or a whole number from 8 to 512, got 'big'"),
+        (1024, "auto", "auto", "tile_size: 1024 is outside 8..512"),
+        ("auto", 300, "auto", "tile_overlap: 300 is outside 0..256"),
+        ("auto", "auto", True, "vae_tile_size: expected 'auto' or a whole number"),
+        ("auto", "auto", 32, "vae_tile_size: 32 is outside 64..4096"),
+    ],
+)
+def test_bad_size_widgets_are_validation_messages(comfy, nodes, osediff_node_pipe, tile_size, tile_overlap,
+                                                  vae_tile_size, message):  # fmt: skip
+    from onestep_sr.nodes.sr_nodes import OneStepSRUpscale
+
+    assert message in OneStepSRUpscale.validate_inputs(tile_size, tile_overlap, vae_tile_size)
+    sizes = dict(tile_size=tile_size, tile_overlap=tile_overlap, vae_tile_size=vae_tile_size)
+    with pytest.raises(ValueError, match=message.split(":")[0]):
+        nodes["OneStepSRUpscale"].run(**upscale_inputs(sr_model=osediff_node_pipe, image=image_batch(), **sizes))
+
+
+def _pillow_bicubic(chw: torch.Tensor, size_hw: tuple[int, int]) -> torch.Tensor:
+    """Independent reference: each plane through Pillow's float ("F") bicubic resize."""
+    planes = [
+        np.asarray(
+            Image.fromarray(p.double().numpy().astype(np.float32), mode="F").resize(size_hw[::-1], Image.BICUBIC)
+        )
+        for p in chw
+    ]
+    return torch.from_numpy(np.stack(planes)).clamp(0, 1)
+
+
+def test_target_long_side_resizes_the_input_first(nodes, osediff_node_pipe):
+    """size_mode 'target long side': a 12x10 input, x2, long side 40 -> the input becomes 20x17 (aspect kept, long
+    side 40 / 2) and the model upscales that by exactly 2; the mask follows the image."""
+    image = image_batch(1, 12, 10, seed=3)
+    mask = torch.rand(1, 12, 10, generator=torch.Generator().manual_seed(4))
+    kwargs = upscale_inputs(sr_model=osediff_node_pipe, image=image, upscale=2, color_fix="none", mask=mask)
+    out, out_mask = nodes["OneStepSRUpscale"].run(**kwargs, size_mode="target long side", target_long_side=40)
+    assert out.shape == (1, 40, 34, 4 - 1) and out_mask.shape == (1, 40, 34)
+    small = _pillow_bicubic(image[0].movedim(-1, 0), (20, 17))
+    small_mask = _pillow_bicubic(mask, (20, 17))[0]
+    expected, expected_mask = nodes["OneStepSRUpscale"].run(
+        **upscale_inputs(sr_model=osediff_node_pipe, image=small.movedim(0, -1)[None], upscale=2, color_fix="none",
+                         mask=small_mask[None])
+    )  # fmt: skip
+    torch.testing.assert_close(out, expected, atol=1e-6, rtol=0)
+    torch.testing.assert_close(out_mask, expected_mask, atol=1e-6, rtol=0)
+    # the factor mode ignores target_long_side
+    (same, _) = nodes["OneStepSRUpscale"].run(**kwargs, size_mode="upscale factor", target_long_side=40)
+    assert same.shape == (1, 24, 20, 3)
+    with pytest.raises(ValueError, match="target long side must be a whole number of pixels >= upscale"):
+        nodes["OneStepSRUpscale"].run(**kwargs, size_mode="target long side", target_long_side=1)
+    with pytest.raises(ValueError, match="size_mode must be one of upscale factor, target long side"):
+        nodes["OneStepSRUpscale"].run(**kwargs, size_mode="fit")
+
+
+@pytest.mark.parametrize("name", sorted(workflow_graphs()))
+def test_template_thumbnails_are_the_workflows_results(comfy, name):
+    """workflows/<name>.jpg (what ComfyUI's template browser shows) is that workflow's run on the thumbnail input
+    (demo models), input left / output right; a stale or hand-made picture fails."""
+    from workflow_tools import THUMBNAIL_INPUT_SIZE, THUMBNAIL_QUALITY, thumbnail_of
+
+    api = json.loads((WORKFLOWS / "api" / f"{name}.json").read_text())
+    fresh_image = thumbnail_of(api, comfy["input"])
+    fresh = np.asarray(fresh_image, dtype=np.float32)
+    committed = np.asarray(Image.open(WORKFLOWS / f"{name}.jpg").convert("RGB"), dtype=np.float32)
+    assert committed.shape == fresh.shape == (4 * THUMBNAIL_INPUT_SIZE[1], 4 * THUMBNAIL_INPUT_SIZE[0], 3)
+    # as close as the JPEG codec allows: the error of encoding this very run (the demo outputs are noisy)
+    buffer = io.BytesIO()
+    fresh_image.save(buffer, format="JPEG", quality=THUMBNAIL_QUALITY)
+    codec_error = np.abs(np.asarray(Image.open(buffer), dtype=np.float32) - fresh).mean()
+    error = np.abs(committed - fresh).mean()
+    assert error <= 1.1 * codec_error + 0.5, (
+        f"{error:.2f} vs JPEG's {codec_error:.2f}: run python tests/workflow_tools.py"
+    )

@@ -10,6 +10,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
+from PIL import Image
+
 WORKFLOWS = Path(__file__).resolve().parent.parent / "workflows"
 
 # widget order of the core nodes used here; "upload" is LoadImage's button widget (not a prompt input)
@@ -52,12 +55,23 @@ def node_io(class_type: str) -> tuple[list[tuple[str, str]], list[tuple[str, str
     return sockets, [(o.kwargs["display_name"], o.io_type) for o in schema.outputs]
 
 
+def optional_widgets(class_type: str) -> set[str]:
+    schema = _schema(class_type)
+    return set() if schema is None else {i.id for i in schema.inputs if i.is_widget and i.kwargs.get("optional")}
+
+
 def widget_values_by_name(node: dict) -> dict:
-    """A UI node's widgets_values read by position into {input name: value} (control values skipped)."""
+    """A UI node's widgets_values read by position into {input name: value} (control values skipped).
+
+    Workflows saved before an optional widget was added end early; as in the frontend, those widgets keep
+    their defaults (they are left out here)."""
     values = list(node.get("widgets_values") or [])
     names, seeds = widget_names(node["type"]), seed_widgets(node["type"])
+    optional = optional_widgets(node["type"])
     found, i = {}, 0
     for name in names:
+        if i >= len(values) and name in optional:
+            continue
         found[name] = values[i]
         i += 2 if name in seeds else 1
     if i != len(values):
@@ -166,13 +180,15 @@ def _sr_nodes(base: str, weights: str, upscale_widgets: dict, image_link=(1, 0),
             "widgets": {
                 "upscale": 4,
                 "color_fix": "auto",
-                "tile_size": 0,
-                "tile_overlap": -1,
-                "vae_tile_size": 0,
+                "tile_size": "auto",
+                "tile_overlap": "auto",
+                "vae_tile_size": "auto",
                 "seed": 0,
                 "latent_sampling": "mode",
                 "tile_batch_size": 1,
                 "blend": "gaussian",
+                "size_mode": "upscale factor",
+                "target_long_side": 2048,
             }
             | upscale_widgets,
             "links": {"sr_model": (2, 0), "image": image_link, "prompt": prompt_link},
@@ -196,14 +212,15 @@ def workflow_graphs() -> dict[str, list[dict]]:
             "links": {"images": source},
         }
 
+    # file names are the template titles ComfyUI's template browser shows
     return {
-        "osediff_upscale": [load, *_sr_nodes(SD21, "osediff.pkl", {}), save("onestep_sr/osediff")],
-        "large_image_tiled": [
+        "OSEDiff 4x upscale": [load, *_sr_nodes(SD21, "osediff.pkl", {}), save("onestep_sr/osediff")],
+        "OSEDiff large image (tiled)": [
             load,
-            *_sr_nodes(SD21, "osediff.pkl", {"tile_size": 64, "tile_overlap": 16, "vae_tile_size": 512}),
+            *_sr_nodes(SD21, "osediff.pkl", {"tile_size": "64", "tile_overlap": "16", "vae_tile_size": "512"}),
             save("onestep_sr/large"),
         ],
-        "split_process_stitch": [
+        "OSEDiff tile split and stitch": [
             load,
             {
                 "id": 6,
@@ -222,9 +239,9 @@ def workflow_graphs() -> dict[str, list[dict]]:
             },
             save("onestep_sr/stitched", source=(7, 0)),
         ],
-        "tsdsr_upscale": [load, *_sr_nodes(SD3, "tsdsr", {}), save("onestep_sr/tsdsr")],
-        "tadsr_upscale": [load, *_sr_nodes("autoencoder_vq_f4.pth", "TAD-SR.pth", {}), save("onestep_sr/tadsr")],
-        "osediff_dape_upscale": [
+        "TSD-SR 4x upscale": [load, *_sr_nodes(SD3, "tsdsr", {}), save("onestep_sr/tsdsr")],
+        "TAD-SR 4x upscale": [load, *_sr_nodes("autoencoder_vq_f4.pth", "TAD-SR.pth", {}), save("onestep_sr/tadsr")],
+        "OSEDiff 4x upscale with DAPE prompts": [
             load,
             *_dape_nodes(),
             *[n for n in _sr_nodes(SD21, "osediff.pkl", {}, prompt_link=(9, 0)) if n["type"] != "OneStepSRPrompt"],
@@ -244,13 +261,73 @@ def build_workflows(folder: Path = WORKFLOWS) -> list[Path]:
     return written
 
 
+THUMBNAIL_INPUT_SIZE = (64, 44)  # (width, height): x4 gives the 256x176 template thumbnails
+THUMBNAIL_QUALITY = 88
+
+
+def thumbnail_input() -> Image.Image:
+    """The picture the thumbnails show upscaled: the DAPE parity case of coloured shapes, made small."""
+    from helpers import DAPE_PARITY
+
+    source = Image.open(DAPE_PARITY / "cases" / "s2_shapes_200x136" / "lr.png").convert("RGB")
+    return source.resize(THUMBNAIL_INPUT_SIZE, Image.BICUBIC)
+
+
+def thumbnail_of(api: dict, input_dir: Path) -> Image.Image:
+    """Run an API workflow (stand-in ComfyUI, installed models) on thumbnail_input(); the picture shows the input
+    (nearest-neighbour enlarged) on the left half and the workflow's output on the right half."""
+    import comfy_harness
+
+    thumbnail_input().save(input_dir / "thumbnail_input.png")
+    api = json.loads(json.dumps(api))
+    for node in api.values():
+        if node["class_type"] == "LoadImage":
+            node["inputs"]["image"] = "thumbnail_input.png"
+    (images,) = comfy_harness.run_workflow(api, input_dir).values()
+    out = (images[0].clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+    after = Image.fromarray(out)
+    before = thumbnail_input().resize(after.size, Image.NEAREST)
+    half = after.width // 2
+    before.paste(after.crop((half, 0, after.width, after.height)), (half, 0))
+    before.paste((255, 255, 255), (half - 1, 0, half + 1, after.height))  # the dividing line
+    return before
+
+
+def write_thumbnails(input_dir: Path, folder: Path = WORKFLOWS) -> list[Path]:
+    """workflows/<name>.jpg, the template thumbnail ComfyUI shows beside <name>.json (models must be installed)."""
+    written = []
+    for name in workflow_graphs():
+        api = json.loads((folder / "api" / f"{name}.json").read_text())
+        path = folder / f"{name}.jpg"
+        thumbnail_of(api, input_dir).save(path, quality=THUMBNAIL_QUALITY)
+        written.append(path)
+    return written
+
+
 if __name__ == "__main__":
+    # Writes the workflow files, then runs each for its thumbnail: with the demo (tiny, random-weight) models, or
+    # with --models, a ComfyUI models folder holding the real weights under the workflows' file names.
+    import argparse
     import tempfile
 
     import comfy_harness
+    from helpers import make_comfy_models
 
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--models", type=Path, help="ComfyUI models folder with the real weights (default: demo)")
+    args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:  # the stand-in ComfyUI the schemas are read from
-        comfy_harness.install(Path(tmp), Path(tmp))
+        models, inputs = make_comfy_models(Path(tmp))
+        comfy_harness.install(args.models or models, inputs)
         comfy_harness.install_v3()
-        for p in build_workflows():
+        from onestep_sr.nodes import comfy_env
+
+        comfy_env.register_model_folder()
+        for p in WORKFLOWS.glob("*.json"):  # renamed templates must not linger
+            p.unlink()
+        for p in WORKFLOWS.glob("api/*.json"):
+            p.unlink()
+        for p in WORKFLOWS.glob("*.jpg"):
+            p.unlink()
+        for p in [*build_workflows(), *write_thumbnails(inputs)]:
             print(p)
