@@ -7,6 +7,7 @@ this one; it must have ComfyUI's requirements and this pack's requirements insta
 such a venv: see README, "Testing against a real ComfyUI").
 """
 
+import contextlib
 import json
 import os
 import shutil
@@ -14,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+import types
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -30,6 +32,8 @@ COMFYUI = os.environ.get("COMFYUI_PATH")
 pytestmark = pytest.mark.skipif(not COMFYUI, reason="set COMFYUI_PATH to a ComfyUI checkout to run the server test")
 REPO = Path(__file__).resolve().parent.parent
 OUR_NODES = set(NODE_IDS)
+LEGACY = Path(__file__).parent / "data" / "legacy_workflows"
+OSEDIFF_API = WORKFLOWS / "api" / "OSEDiff 4x upscale.json"
 
 
 def comfy_python() -> str:
@@ -150,15 +154,23 @@ def test_nodes_are_registered_with_the_model_lists(server):
     assert "stable-diffusion-2-1-base" in json.dumps(loader["base"]) and "osediff.pkl" in json.dumps(loader["weights"])
     assert "tsdsr" in json.dumps(loader["weights"])
     assert info["OneStepSRUpscale"]["category"] == "image/upscaling/one-step SR"
+    assert info["OneStepSRModelLoader"]["category"] == "loaders/one-step SR"  # beside core's model loaders
+    upscale = info["OneStepSRUpscale"]["input"]
+    assert upscale["required"]["tile_size"][0] == "COMBO" and "auto" in json.dumps(upscale["required"]["tile_size"])
+    assert {"size_mode", "target_long_side"} <= upscale["optional"].keys()
     # core extras may fail in a light environment (no torchaudio); the pack itself must import
     failed = [line for line in server["log"].read_text().splitlines() if "IMPORT FAILED" in line]
     assert not [line for line in failed if "onestep" in line], failed
 
 
-def test_workflows_are_served_as_templates(server):
+def test_workflows_are_served_as_templates_with_thumbnails(server):
     templates = json.loads(get(f"{server['url']}/workflow_templates"))
     ours = next(v for k, v in templates.items() if k == "onestep-sr")
     assert sorted(ours) == sorted(workflow_graphs())
+    for name in ours:  # the URLs the template browser asks for (titles are the file names)
+        base = f"{server['url']}/api/workflow_templates/onestep-sr/{urllib.parse.quote(name)}"
+        assert json.loads(get(base + ".json"))["nodes"]
+        assert get(base + ".jpg") == (WORKFLOWS / f"{name}.jpg").read_bytes()
 
 
 def run_prompt(server, api: dict) -> dict:
@@ -192,11 +204,20 @@ def test_api_workflows_run_in_comfyui(server, name):
     assert Image.open(out).size == (4 * 32, 4 * 24)
 
 
+@pytest.mark.parametrize("name", sorted(p.stem for p in (LEGACY / "api").glob("*.json")))
+def test_legacy_api_workflows_still_run(server, name):
+    """Files saved before the size widgets became lists (0 / -1 for auto, no size_mode) pass the real server's
+    validation (the node's validate_inputs) and run."""
+    api = json.loads((LEGACY / "api" / f"{name}.json").read_text())
+    entry = run_prompt(server, api)
+    assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[:3000]
+
+
 def test_a_hopeless_size_fails_fast_and_memory_comes_back(server):
     """A 6000x4000 input at x4 is refused by the memory estimate before it is converted; after it (and POST /free)
     the server's RSS is back within 0.5 GiB of where it was before the run."""
     Image.new("RGB", (6000, 4000), (90, 120, 200)).save(server["root"] / "input" / "huge.png")
-    api = json.loads((WORKFLOWS / "api" / "osediff_upscale.json").read_text())
+    api = json.loads(OSEDIFF_API.read_text())
     loader = next(k for k, v in api.items() if v["class_type"] == "LoadImage")
     api[loader]["inputs"]["image"] = "huge.png"
     post(f"{server['url']}/free", {"unload_models": True, "free_memory": True})
@@ -219,7 +240,7 @@ def test_cancel_takes_effect_within_seconds(server):
     """Interrupt a run of a 1024 px input at x2 (about ten seconds of tiny-model work here) shortly after it starts;
     the prompt must end as interrupted within a few seconds of the request."""
     Image.new("RGB", (1024, 768), (30, 160, 90)).save(server["root"] / "input" / "big.png")
-    api = json.loads((WORKFLOWS / "api" / "osediff_upscale.json").read_text())
+    api = json.loads(OSEDIFF_API.read_text())
     for node in api.values():
         if node["class_type"] == "LoadImage":
             node["inputs"]["image"] = "big.png"
@@ -242,10 +263,181 @@ def test_cancel_takes_effect_within_seconds(server):
 
 
 def test_bad_input_is_a_node_error_not_a_crash(server):
-    api = json.loads((WORKFLOWS / "api" / "osediff_upscale.json").read_text())
+    api = json.loads(OSEDIFF_API.read_text())
     api["2"]["inputs"]["weights"] = "tsdsr"  # TSD-SR weights on the SD2.1 base
     entry = run_prompt(server, api)
     assert entry["status"]["status_str"] == "error"
     messages = json.dumps(entry["status"]["messages"])
     assert "SD2.1-base" in messages or "SD3" in messages
     assert json.loads(get(f"{server['url']}/system_stats"))  # the server is still up
+
+
+# ---------------------------------------------------------------------------- the real frontend, in headless Chromium
+
+CHROMIUM = os.environ.get("CHROMIUM_PATH") or shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMIUM_FLAGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+UI_WORKFLOWS = {n: WORKFLOWS / f"{n}.json" for n in workflow_graphs()} | {
+    f"legacy {p.stem}": p for p in sorted(LEGACY.glob("*.json"))
+}
+
+
+@pytest.fixture(scope="module")
+def browser_page(server):
+    """The server's frontend in headless Chromium (Debian's chromium, driven by Playwright); screenshots go to
+    <server temp folder>/screenshots. Missing tools fail the test: CI installs both (.ci/run)."""
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.fail("the frontend check needs the playwright package: pip install playwright (.ci/run does)")
+    if not CHROMIUM:
+        pytest.fail("the frontend check needs Chromium: apt-get install chromium, or set CHROMIUM_PATH")
+    shots = server["root"] / "screenshots"
+    shots.mkdir(exist_ok=True)
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_FLAGS)
+        page = browser.new_page(viewport={"width": 1600, "height": 1000})
+        page_errors: list[str] = []  # uncaught errors and failed loads that involve the pack's own files
+        page.on("pageerror", lambda err: page_errors.append(err.stack or str(err)))
+        page.on("requestfailed", lambda request: page_errors.append(f"failed: {request.url}"))
+        page.on("response", lambda r: page_errors.append(f"{r.status}: {r.url}") if r.status >= 400 else None)
+        page.goto(server["url"])
+        page.wait_for_function("() => window.app?.graph && window.app?.extensionManager", timeout=120_000)
+        page.wait_for_timeout(1500)  # the default graph and the first-run dialog settle
+        page.keyboard.press("Escape")
+        yield types.SimpleNamespace(page=page, shots=shots, errors=page_errors)
+        # (this frontend itself throws one error while it starts offline; only the pack's are failures)
+        assert not [e for e in page_errors if "onestep" in e.lower()], page_errors
+        browser.close()
+
+
+def load_in_frontend(page, workflow: dict) -> list[dict]:
+    """Load a UI workflow as a user does (app.loadGraphData) and describe each node as the frontend sees it."""
+    return page.evaluate(
+        """async (workflow) => {
+            await window.app.loadGraphData(workflow, true, true, "test");
+            return window.app.graph.nodes.map((node) => ({
+                type: node.type,
+                known: !!node.constructor.nodeData,
+                has_errors: !!node.has_errors,
+                widgets: Object.fromEntries((node.widgets ?? []).map((w) => [w.name, w.value])),
+                bad_combos: (node.widgets ?? [])
+                    .filter((w) => w.type === "combo" && !(w.options?.values ?? []).includes(w.value))
+                    .map((w) => `${w.name}=${JSON.stringify(w.value)}`),
+            }));
+        }""",
+        workflow,
+    )
+
+
+@pytest.mark.parametrize("name", sorted(UI_WORKFLOWS))
+def test_every_workflow_loads_in_the_frontend(browser_page, name):
+    """No missing-node dialog, every node a known type, none red, every list widget holding a listed value (old
+    files' 0/-1 sizes read as "auto" by the pack's frontend extension)."""
+    page = browser_page.page
+    workflow = json.loads(UI_WORKFLOWS[name].read_text())
+    nodes = load_in_frontend(page, workflow)
+    page.wait_for_timeout(300)
+    page.screenshot(path=str(browser_page.shots / f"{name}.png"))
+    assert page.get_by_text("Some Nodes Are Missing").count() == 0
+    assert [n["type"] for n in nodes] and all(n["known"] for n in nodes), nodes
+    assert not [n["type"] for n in nodes if n["has_errors"]]
+    assert not [(n["type"], n["bad_combos"]) for n in nodes if n["bad_combos"]]
+    upscale = next(n["widgets"] for n in nodes if n["type"] == "OneStepSRUpscale")
+    saved = next(node for node in workflow["nodes"] if node["type"] == "OneStepSRUpscale")["widgets_values"]
+    expected = {"auto" if v in (0, -1) else str(v) for v in saved[2:5]}
+    assert {upscale["tile_size"], upscale["tile_overlap"], upscale["vae_tile_size"]} == expected
+    assert upscale["control_after_generate"] == saved[6]  # a saved node keeps its own seed control
+    assert not [e for e in browser_page.errors if "onestep" in e.lower()], browser_page.errors
+
+
+def test_a_new_upscale_node_keeps_its_seed_fixed(browser_page):
+    extensions = browser_page.page.evaluate("() => window.app.extensions.map((e) => e.name)")
+    assert "onestep_sr.upscale" in extensions  # nodes/web/onestep_sr.js, served by ComfyUI from WEB_DIRECTORY
+    widgets = browser_page.page.evaluate(
+        """() => {
+            const node = window.LiteGraph.createNode("OneStepSRUpscale");
+            return Object.fromEntries(node.widgets.map((w) => [w.name, w.value]));
+        }"""
+    )
+    assert widgets["control_after_generate"] == "fixed"
+    assert (widgets["tile_size"], widgets["tile_overlap"], widgets["vae_tile_size"]) == ("auto",) * 3
+    assert widgets["size_mode"] == "upscale factor"
+
+
+@pytest.mark.parametrize(
+    ("query", "expected"),
+    [
+        ("osediff", "OSEDiff / TSD-SR / TAD-SR Loader (one-step SR)"),
+        ("tsd-sr", "OSEDiff / TSD-SR / TAD-SR Loader (one-step SR)"),
+        ("tad-sr", "OSEDiff / TSD-SR / TAD-SR Loader (one-step SR)"),
+        ("super resolution", "One-step Super-Resolution Upscale"),
+        ("upscale", "One-step Super-Resolution Upscale"),
+        ("dape", "DAPE Prompt Extractor (OSEDiff tags)"),
+    ],
+)
+def test_node_search_finds_the_pack(browser_page, query, expected):
+    """The frontend's node search box (double-click on the canvas), as a user types."""
+    page = browser_page.page
+    page.evaluate("() => window.app.graph.clear()")
+    box = page.get_by_placeholder("Search Nodes...")
+    for _ in range(10):
+        page.mouse.dblclick(900, 600)
+        with contextlib.suppress(Exception):
+            box.wait_for(timeout=1000)
+            break
+    box.fill(query)
+    found: list[str] = []
+    for _ in range(20):  # the list updates as the user types
+        page.wait_for_timeout(250)
+        found = [t.split("\n")[0].strip() for t in page.locator(".option-display-name").all_inner_texts()]
+        if expected in found[:8]:
+            break
+    page.keyboard.press("Escape")
+    box.wait_for(state="hidden", timeout=5000)
+    assert expected in found[:8], found
+
+
+def test_templates_show_titles_and_thumbnails(browser_page):
+    page = browser_page.page
+    thumbnails: dict[str, int] = {}
+
+    def record(response):
+        if "/workflow_templates/onestep-sr/" in response.url and response.url.endswith(".jpg"):
+            thumbnails[urllib.parse.unquote(response.url.rsplit("/", 1)[1])[:-4]] = response.status
+
+    page.on("response", record)
+    page.evaluate("() => window.app.extensionManager.command.execute('Comfy.BrowseTemplates')")
+    page.get_by_text("onestep-sr", exact=True).first.click()
+    for name in workflow_graphs():
+        page.get_by_text(name, exact=True).first.wait_for(timeout=10_000)
+    page.wait_for_timeout(1500)
+    page.screenshot(path=str(browser_page.shots / "templates.png"))
+    page.keyboard.press("Escape")
+    page.remove_listener("response", record)
+    assert thumbnails == dict.fromkeys(workflow_graphs(), 200)
+
+
+def test_an_old_workflow_queued_from_the_frontend_runs(browser_page, server):
+    """The prompt the frontend writes from an old file (sizes as list strings after the extension) is accepted
+    and runs."""
+    page = browser_page.page
+    load_in_frontend(page, json.loads((LEGACY / "large_image_tiled.json").read_text()))
+    with page.expect_response(lambda r: r.url.endswith("/prompt") and r.request.method == "POST") as response:
+        page.evaluate("() => window.app.queuePrompt(0, 1)")
+    prompt_id = response.value.json()["prompt_id"]
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        history = json.loads(get(f"{server['url']}/history/{prompt_id}"))
+        if prompt_id in history and history[prompt_id].get("status", {}).get("completed") is not None:
+            break
+        time.sleep(1)
+    status = history[prompt_id]["status"]
+    assert status["status_str"] == "success", json.dumps(status)[:2000]
+    page.screenshot(path=str(browser_page.shots / "queued legacy workflow.png"))

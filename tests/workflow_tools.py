@@ -22,6 +22,11 @@ CORE_IO = {
     "SaveImage": ([("images", "IMAGE")], []),
 }
 NOT_PROMPT_INPUTS = {"upload"}
+# (width, height) on the canvas where the default is too small for the title or the widgets
+NODE_SIZES = {
+    "LoadImage": (320, 320), "OneStepSRModelLoader": (420, 200), "OneStepSRTaggerLoader": (420, 200),
+    "OneStepSRUpscale": (360, 420), "OneStepSRPromptExtractor": (380, 160),
+}  # fmt: skip
 
 
 def _schema(class_type: str):
@@ -118,7 +123,7 @@ def build(graph: list[dict]) -> tuple[dict, dict]:
                 "id": n["id"],
                 "type": n["type"],
                 "pos": list(n["pos"]),
-                "size": [320, 160],
+                "size": list(NODE_SIZES.get(n["type"], (320, 160))),
                 "flags": {},
                 "order": order,
                 "mode": 0,
@@ -156,10 +161,10 @@ def build(graph: list[dict]) -> tuple[dict, dict]:
 def _dape_nodes() -> list[dict]:
     """Tagger Loader (8) -> Prompt Extractor (9), tagging LoadImage's image at the Upscale node's factor."""
     return [
-        {"id": 8, "type": "OneStepSRTaggerLoader", "pos": (40, 560),
+        {"id": 8, "type": "OneStepSRTaggerLoader", "pos": (40, 660),
          "widgets": {"tagger": "ram_swin_large_14m.pth", "lora": "DAPE.pth", "dtype": "auto", "device": "auto",
                      "antialias": False}},
-        {"id": 9, "type": "OneStepSRPromptExtractor", "pos": (420, 560),
+        {"id": 9, "type": "OneStepSRPromptExtractor", "pos": (500, 660),
          "widgets": {"upscale": 4, "user_prompt": ""}, "links": {"tagger": (8, 0), "image": (1, 0)}},
     ]  # fmt: skip
 
@@ -169,14 +174,14 @@ def _sr_nodes(base: str, weights: str, upscale_widgets: dict, image_link=(1, 0),
         {
             "id": 2,
             "type": "OneStepSRModelLoader",
-            "pos": (40, 320),
+            "pos": (40, 400),
             "widgets": {"base": base, "weights": weights, "dtype": "auto", "device": "auto", "fuse_lora": True},
         },
-        {"id": 3, "type": "OneStepSRPrompt", "pos": (40, 560), "widgets": {"mode": "model default", "text": ""}},
+        {"id": 3, "type": "OneStepSRPrompt", "pos": (40, 660), "widgets": {"mode": "model default", "text": ""}},
         {
             "id": 4,
             "type": "OneStepSRUpscale",
-            "pos": (420, 100),
+            "pos": (500, 40),
             "widgets": {
                 "upscale": 4,
                 "color_fix": "auto",
@@ -207,7 +212,7 @@ def workflow_graphs() -> dict[str, list[dict]]:
         return {
             "id": node_id,
             "type": "SaveImage",
-            "pos": (820, 100),
+            "pos": (900, 40),
             "widgets": {"filename_prefix": prefix},
             "links": {"images": source},
         }
@@ -225,7 +230,7 @@ def workflow_graphs() -> dict[str, list[dict]]:
             {
                 "id": 6,
                 "type": "OneStepSRTileSplit",
-                "pos": (40, 760),
+                "pos": (40, 900),
                 "widgets": {"tile_size": 256, "overlap": 32},
                 "links": {"image": (1, 0)},
             },
@@ -233,7 +238,7 @@ def workflow_graphs() -> dict[str, list[dict]]:
             {
                 "id": 7,
                 "type": "OneStepSRTileStitch",
-                "pos": (820, 300),
+                "pos": (900, 420),
                 "widgets": {},
                 "links": {"tiles": (4, 0), "layout": (6, 1)},
             },
