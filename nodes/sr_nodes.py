@@ -147,7 +147,11 @@ class OneStepSRPrompt(io.ComfyNode):
                     tooltip="Optional prompt from another node; when connected it is used as the text.",
                 ),
             ],
-            outputs=[SRPrompt.Output(display_name="prompt", tooltip="Conditioning choice for One-step Super-Resolution Upscale.")],
+            outputs=[
+                SRPrompt.Output(
+                    display_name="prompt", tooltip="Conditioning choice for One-step Super-Resolution Upscale."
+                )
+            ],
         )
 
     @classmethod
@@ -383,7 +387,9 @@ class OneStepSRPromptExtractor(io.ComfyNode):
                 io.String.Input("user_prompt", default="", tooltip="Text after the tags: 'TAGS, USER PROMPT,'."),
             ],
             outputs=[
-                SRPrompt.Output(display_name="prompt", tooltip="Per-image prompts for One-step Super-Resolution Upscale."),
+                SRPrompt.Output(
+                    display_name="prompt", tooltip="Per-image prompts for One-step Super-Resolution Upscale."
+                ),
                 io.String.Output(display_name="tags", tooltip="The tags, one line per image (to show or edit)."),
             ],
         )

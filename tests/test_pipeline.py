@@ -220,3 +220,30 @@ def test_learned_prompt_embedding_pipeline_round_trips(osediff_pipe_fused, tmp_p
     # from_pretrained gives NCHW weights, load_pipeline channels-last ones: other conv kernels, same math
     # (eps differences are amplified ~14.6x into x0; the parity data saw 1.1e-5 from a thread-count change)
     torch.testing.assert_close(run(reloaded, x), out, atol=2e-5, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("size", "upscale", "long_side", "expected"),
+    [
+        ((300, 400), 4, 2048, (384, 512)),  # landscape: the long side becomes 2048 / 4
+        ((400, 300), 4, 2048, (512, 384)),  # portrait
+        ((300, 400), 4, 2050, (384, 512)),  # 2050 / 4 = 512.5 -> 512: the output long side is a multiple of 4
+        ((1000, 10), 4, 100, (25, 1)),  # a thin strip keeps at least one pixel
+        ((64, 64), 1, 100, (100, 100)),  # x1: a plain resize
+    ],
+)
+def test_input_size_for_a_target_long_side(size, upscale, long_side, expected):
+    from onestep_sr.pipelines.images import input_size_for_long_side
+
+    assert input_size_for_long_side(size, upscale, long_side) == expected
+
+
+def test_target_long_side_bounds():
+    from onestep_sr.pipelines.images import MAX_OUTPUT_SIDE, input_size_for_long_side
+
+    with pytest.raises(ImageInputError, match="exceeds the largest side supported"):
+        input_size_for_long_side((10, 10), 4, MAX_OUTPUT_SIDE + 1)
+    with pytest.raises(ValueError, match="upscale must be a positive integer"):
+        input_size_for_long_side((10, 10), 0, 100)
+    with pytest.raises(ValueError, match=r"target long side must be a whole number of pixels >= upscale \(4\)"):
+        input_size_for_long_side((10, 10), 4, 3.5)
