@@ -24,6 +24,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(up)
     up.add_argument("--upscale", type=int, default=4, help="integer scale factor (default 4)")
     up.add_argument(
+        "--long-side",
+        type=int,
+        default=None,
+        metavar="PX",
+        help="target output long side: each input is first resized (bicubic) to PX / upscale on its long side, then "
+        "upscaled by exactly --upscale (the output long side is PX rounded to a multiple of it)",
+    )
+    up.add_argument(
         "--color-fix",
         default=None,
         choices=COLOR_FIX_METHODS,
@@ -248,7 +256,7 @@ def _upscale(args) -> int:
     from PIL import Image
     from tqdm.auto import tqdm
 
-    from .images import ImageInputError
+    from .images import ImageInputError, resize_to_long_side
     from .loading import CheckpointError
     from .methods import detect_method, load_pipeline
 
@@ -304,8 +312,9 @@ def _upscale(args) -> int:
                 with Image.open(path) as img:
                     img.load()
                     generator = torch.Generator().manual_seed(args.seed)
+                    source = img if args.long_side is None else resize_to_long_side(img, args.upscale, args.long_side)
                     output = pipe(
-                        img,
+                        source,
                         prompt=args.prompt,
                         upscale=args.upscale,
                         color_fix=args.color_fix,

@@ -215,6 +215,15 @@ def input_size_for_long_side(size: tuple[int, int], upscale: int, long_side: int
     return max(1, round(h * scale)), max(1, round(w * scale))
 
 
+def resize_to_long_side(image: Any, upscale: int, long_side: int) -> torch.Tensor:
+    """One image (anything `load_images` takes) resized for a target output long side (input_size_for_long_side):
+    a float (3 or 4, H, W) tensor in [0, 1], alpha kept, ready for a pipeline's __call__."""
+    (lq,) = load_images(image)
+    size = input_size_for_long_side(lq.size, upscale, long_side)
+    planes = lq.rgb if lq.alpha is None else torch.cat([lq.rgb, lq.alpha], dim=1)
+    return resize_planes(planes.float(), size)[0]
+
+
 def resize_planes(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """(N, C, H, W) float images in [0, 1] resized to (height, width) with Pillow's bicubic filter per plane
     (antialiased when shrinking), in float32 so no precision is lost."""

@@ -119,3 +119,27 @@ def test_demo_runs_end_to_end_from_a_fresh_process(tmp_path):
     img = Image.open(out / "demo_input.png")
     assert img.size == (256, 192)  # the 64x48 demo input at 4x
     assert np.asarray(img).std() > 0
+
+
+def test_long_side_resizes_each_input_first(tmp_path, parity_cases):
+    """--long-side 50 at x2: a 32x24 input becomes 25x19 (aspect kept), then exactly x2 -> 50x38; the pixels are the
+    library's run on that resized input."""
+    from onestep_sr.pipelines.images import resize_to_long_side
+
+    case = parity_cases[0]
+    lr = case.png("lr.png")
+    lr.save(tmp_path / "lr.png")
+    out = tmp_path / "out"
+    args = ["upscale", str(tmp_path / "lr.png"), "-o", str(out), "--base", str(BASE), "--weights", str(WEIGHTS)]
+    assert main([*args, "--dtype", "fp32", "--upscale", "2", "--long-side", "50"]) == 0
+    written = Image.open(out / "lr.png")
+    assert lr.size == (32, 24) and written.size == (50, 38)
+    small = resize_to_long_side(lr, 2, 50)
+    assert small.shape == (3, 19, 25)
+    # independent reference for the resize: Pillow's own bicubic on the 8-bit image, within 8-bit rounding
+    pil_small = np.asarray(lr.convert("RGB").resize((25, 19), Image.BICUBIC), dtype=np.float32) / 255
+    np.testing.assert_allclose(small.permute(1, 2, 0).numpy(), pil_small, atol=1 / 255 + 1e-6)
+    pipe = load_pipeline(BASE, WEIGHTS, dtype="fp32")
+    pipe.set_progress_bar_config(disable=True)
+    expected = pipe(small, upscale=2).images[0]
+    np.testing.assert_array_equal(np.asarray(written), np.asarray(expected))
