@@ -188,7 +188,7 @@ def upscale_batch(
     image = check_image(image)
     mask = check_mask(mask, image) if mask is not None else None
     if target_long_side is not None:
-        image, mask = resize_for_long_side(image, mask, options.get("upscale", 4), target_long_side)
+        image, mask = resize_batch_for_long_side(image, mask, options.get("upscale", 4), target_long_side)
     pipe = sr_model.pipe
     spec = prompt or PromptSpec()
     batch = image.shape[0]
@@ -217,7 +217,7 @@ def upscale_batch(
     return torch.stack(outputs), torch.stack(masks).cpu()
 
 
-def resize_for_long_side(
+def resize_batch_for_long_side(
     image: torch.Tensor, mask: torch.Tensor | None, upscale: int, long_side: int
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """IMAGE (and MASK) batches resized so that `upscale` x them has the long side `long_side`."""
