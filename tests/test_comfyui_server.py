@@ -98,7 +98,10 @@ def server(tmp_path_factory):
     )
     port = free_port()
     log = open(root / "server.log", "w")  # noqa: SIM115 (the server writes to it until teardown)
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH",)} | {"HF_HUB_OFFLINE": "1"}
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH",)} | {
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONUNBUFFERED": "1",  # the log is read while the server runs
+    }
     proc = subprocess.Popen(
         [
             comfy_python(),
@@ -211,6 +214,25 @@ def test_legacy_api_workflows_still_run(server, name):
     api = json.loads((LEGACY / "api" / f"{name}.json").read_text())
     entry = run_prompt(server, api)
     assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[:3000]
+
+
+def test_models_are_managed_by_comfyui(server):
+    """ComfyUI's model management holds the pack's modules: a second run keeps them loaded (no new load), and after
+    POST /free (unload models) the next run has ComfyUI load them again ("Requested to load" in its log)."""
+
+    def run_with_seed(seed: int) -> int:
+        api = json.loads(OSEDIFF_API.read_text())
+        next(n for n in api.values() if n["class_type"] == "OneStepSRUpscale")["inputs"]["seed"] = seed
+        entry = run_prompt(server, api)  # a new seed re-runs the Upscale node; the loader's output stays cached
+        assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[:2000]
+        time.sleep(0.5)
+        return server["log"].read_text().count("Requested to load")
+
+    first = run_with_seed(101)
+    assert run_with_seed(102) == first, "the models were loaded again although nothing asked for their memory"
+    post(f"{server['url']}/free", {"unload_models": True})
+    time.sleep(2)
+    assert run_with_seed(103) > first, "after /free the models were still loaded: ComfyUI did not manage them"
 
 
 def test_a_hopeless_size_fails_fast_and_memory_comes_back(server):
