@@ -20,6 +20,7 @@ from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 
 from .color_fix import apply_color_fix
 from .images import LQImage, check_upscale, image_sizes, load_images, pad_to_multiple, postprocess
+from .loading.validation import all_finite
 from .methods.registry import Method, method_of
 from .options import COLOR_FIX_METHODS, GENERIC_DEFAULTS, LATENT_SAMPLING_MODES, OUTPUT_TYPES, TileDefaults
 from .tiling.denoiser import run_tiled
@@ -41,6 +42,9 @@ from .tiling.streamed_vae import needs_streaming
 
 class NonFiniteOutputError(RuntimeError):
     """A stage (encode, denoise or decode) produced NaN/Inf values: never returned as an image."""
+
+
+NON_FINITE_HINT = "the weights are probably damaged or do not belong together (check the base and SR weight files)"
 
 
 @dataclass
@@ -120,7 +124,7 @@ class OneStepSRBase(DiffusionPipeline, abc.ABC):
         match their configs, finite, config values in range (see loading/validation.py). Never downloads, never
         imports custom code."""
         from .loading.files import CheckpointError
-        from .loading.validation import check_pipeline_folder, check_pipeline_weights, load_component
+        from .loading.validation import check_pipeline_folder, load_component
 
         for refused in ("custom_pipeline", "trust_remote_code", "custom_revision"):
             if kwargs.get(refused):
@@ -138,8 +142,7 @@ class OneStepSRBase(DiffusionPipeline, abc.ABC):
             raise
         except (OSError, ValueError, RuntimeError, KeyError) as err:
             raise CheckpointError(f"{folder}: could not be loaded as a {cls.__name__}: {err}") from err
-        check_pipeline_weights(pipe, folder)
-        pipe.check_config(folder)
+        pipe.check_config(folder)  # (each component's weights were checked as it was loaded)
         return pipe
 
     def check_config(self, source: Any) -> None:
@@ -479,29 +482,28 @@ class OneStepSRBase(DiffusionPipeline, abc.ABC):
         """Denoiser latent -> image in [-1, 1]; fp16/bf16 overflow falls back to an fp32 decode. Still non-finite
         (a NaN latent from the denoiser, or a broken VAE): a clear error naming the stage, never a NaN image."""
         plan = plan or TilingPlan.untiled()
-        if not torch.isfinite(latents).all():
+        if not all_finite(latents):
             raise NonFiniteOutputError(
                 f"{self.display_name}: the denoiser produced non-finite latents (NaN/Inf) before decoding; "
-                + self._non_finite_hint()
+                + NON_FINITE_HINT
             )
         latents = self.decoder_input(latents)
         image = self._vae_decode(latents.to(self.vae.dtype), plan, report)
-        if not torch.isfinite(image).all() and self.vae.dtype != torch.float32:
+        finite = all_finite(image)
+        if not finite and self.vae.dtype != torch.float32:
             dtype = self.vae.dtype
             self.vae.to(torch.float32)
             try:
                 image = self._vae_decode(latents.float(), plan, None)
             finally:
                 self.vae.to(dtype)
-        if not torch.isfinite(image).all():
+            finite = all_finite(image)
+        if not finite:
             raise NonFiniteOutputError(
                 f"{self.display_name}: the VAE decode produced non-finite pixels (NaN/Inf) even in fp32; "
-                + self._non_finite_hint()
+                + NON_FINITE_HINT
             )
         return image.clamp(-1, 1)
-
-    def _non_finite_hint(self) -> str:
-        return "the weights are probably damaged or do not belong together (check the base and SR weight files)"
 
     vae_decode_kwargs: dict = {}  # extra arguments of the untiled vae.decode (VQ: force_not_quantize)
 

@@ -26,7 +26,7 @@ from ..options import (
 )
 from .denoiser import count_tiles
 from .memory import available_memory
-from .streamed_vae import needs_streaming, streamed_vae
+from .streamed_vae import do_nothing, needs_streaming, streamed_vae
 
 logger = logging.getLogger(__name__)
 
@@ -200,7 +200,7 @@ class StageReport:
     tile), `fraction` moves the bar; `finish` completes the stage's units whatever path ran."""
 
     def __init__(self, advance: Callable[[int], None] | None = None, tick: Callable[[], None] | None = None, units=1):
-        self.advance, self.tick, self.units, self.reported = advance, tick or _nothing, units, 0
+        self.advance, self.tick, self.units, self.reported = advance, tick or do_nothing, units, 0
 
     def fraction(self, done: float) -> None:
         target = min(self.units, int(self.units * done))
@@ -276,10 +276,6 @@ def _run_vae(plan: TilingPlan, image_hw, untiled: Callable, streamed: Callable, 
     out = retry_on_oom(attempt, plan.vae_tile_size, shrink, plan.device, "VAE")
     report.finish()
     return out
-
-
-def _nothing() -> None:
-    pass
 
 
 def _is_int(value: Any) -> bool:

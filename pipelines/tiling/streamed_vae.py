@@ -59,8 +59,8 @@ class StreamedVAE:
         self.per_tile_stats = per_tile_stats
         # Progress and cancellation: on_tile after every tile of every layer (a fraction of a second of work;
         # it may raise to cancel), on_layer after each of the `layer_count` layers of a pass.
-        self.on_tile = on_tile or _nothing
-        self.on_layer = on_layer or _nothing
+        self.on_tile = on_tile or do_nothing
+        self.on_layer = on_layer or do_nothing
 
     def layer_count(self, stage: str) -> int:
         """How many times `on_layer` fires in `encode` ("encode") or `decode` ("decode")."""
@@ -337,7 +337,7 @@ def group_statistics(x: torch.Tensor, groups: int, eps: float, rows: int) -> tup
     return mean, torch.rsqrt(m2 / count + eps)
 
 
-def _nothing() -> None:
+def do_nothing() -> None:
     pass
 
 
