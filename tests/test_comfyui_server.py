@@ -34,6 +34,7 @@ REPO = Path(__file__).resolve().parent.parent
 OUR_NODES = set(NODE_IDS)
 LEGACY = Path(__file__).parent / "data" / "legacy_workflows"
 OSEDIFF_API = WORKFLOWS / "api" / "OSEDiff 4x upscale.json"
+OSEDIFF_UI = WORKFLOWS / "OSEDiff 4x upscale.json"
 
 
 def comfy_python() -> str:
@@ -390,7 +391,7 @@ def test_every_workflow_loads_in_the_frontend(browser_page, name):
     saved = next(node for node in workflow["nodes"] if node["type"] == "OneStepSRUpscale")["widgets_values"]
     expected = {"auto" if v in (0, -1) else str(v) for v in saved[2:5]}
     assert {upscale["tile_size"], upscale["tile_overlap"], upscale["vae_tile_size"]} == expected
-    assert upscale["control_after_generate"] == saved[6]  # a saved node keeps its own seed control
+    assert upscale["control_after_generate"] == saved[6]
     assert not [e for e in browser_page.errors if "onestep" in e.lower()], browser_page.errors
 
 
@@ -406,6 +407,12 @@ def test_a_new_upscale_node_keeps_its_seed_fixed(browser_page):
     assert widgets["control_after_generate"] == "fixed"
     assert (widgets["tile_size"], widgets["tile_overlap"], widgets["vae_tile_size"]) == ("auto",) * 3
     assert widgets["size_mode"] == "upscale factor"
+    # a saved node keeps its own control (the committed files all say "fixed", so this one says "randomize")
+    workflow = json.loads(OSEDIFF_UI.read_text())
+    upscale = next(n for n in workflow["nodes"] if n["type"] == "OneStepSRUpscale")
+    upscale["widgets_values"][6] = "randomize"
+    nodes = load_in_frontend(browser_page.page, workflow)
+    assert next(n for n in nodes if n["type"] == "OneStepSRUpscale")["widgets"]["control_after_generate"] == "randomize"
 
 
 @pytest.mark.parametrize(
