@@ -1,6 +1,7 @@
 """Shared test helpers: paths to the test data and the OSEDiff parity cases."""
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +10,20 @@ from PIL import Image
 from safetensors.torch import load_file
 
 DATA = Path(__file__).parent / "data"
+
+
+def parity_root() -> Path:
+    """Where every parity suite reads its data: tests/data/parity, or the root ONESTEP_SR_PARITY_ROOT names (a
+    second set of cases in the same layout runs unchanged)."""
+    return Path(os.environ.get("ONESTEP_SR_PARITY_ROOT") or DATA / "parity")
+
+
+def parity_dir(name: str) -> Path:
+    folder = parity_root() / name
+    if not folder.is_dir():
+        raise FileNotFoundError(f"parity data {folder} is missing (ONESTEP_SR_PARITY_ROOT={parity_root()})")
+    return folder
+
 # every node the pack registers, in registration order
 NODE_IDS = [
     "OneStepSRModelLoader",
@@ -19,7 +34,7 @@ NODE_IDS = [
     "OneStepSRTaggerLoader",
     "OneStepSRPromptExtractor",
 ]
-OSEDIFF_PARITY = DATA / "parity" / "osediff"
+OSEDIFF_PARITY = parity_root() / "osediff"
 
 
 def osediff_cases() -> list[dict]:
@@ -74,9 +89,9 @@ def png_to_tensor(img: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.asarray(img, dtype=np.float32) / 255).permute(2, 0, 1)[None]
 
 
-TSDSR_PARITY = DATA / "parity" / "tsdsr"
-DAPE_PARITY = DATA / "parity" / "dape"
-TADSR_PARITY = DATA / "parity" / "tadsr"
+TSDSR_PARITY = parity_root() / "tsdsr"
+DAPE_PARITY = parity_root() / "dape"
+TADSR_PARITY = parity_root() / "tadsr"
 
 
 class TSDSRCase:

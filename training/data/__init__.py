@@ -1,0 +1,1 @@
+"""Training data: the Real-ESRGAN degradation and the datasets."""

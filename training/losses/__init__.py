@@ -1,0 +1,1 @@
+"""Losses: perceptual (LPIPS, DISTS, EA-DISTS)."""
