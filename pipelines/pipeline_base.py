@@ -56,6 +56,17 @@ class OneStepSROutput(ImagePipelineOutput):
 
 
 @dataclass(frozen=True)
+class OneStepResult:
+    """What `one_step` computes (autograd intact): the LQ latent the denoiser starts from (before any start
+    noise), the predicted clean latent (both in the denoiser's latent space) and the decoded image in [-1, 1],
+    not clamped."""
+
+    lq_latent: torch.Tensor
+    clean_latent: torch.Tensor
+    image: torch.Tensor
+
+
+@dataclass(frozen=True)
 class Conditioning:
     """What the denoiser is conditioned on: a token sequence and, for SD3-style models, a pooled vector."""
 
@@ -225,11 +236,21 @@ class OneStepSRBase(DiffusionPipeline, abc.ABC):
                 cond = self.encode_prompt(prompt_i, inputs.prompt_embeds, inputs.pooled_prompt_embeds, i, device)
                 used_prompts.append(prompt_i if cond.from_text else None)
                 cond = self.condition_on_image(cond, lq, device)
-                latents = self.start_latents(latents, inputs.noise, inputs.generators[i])
-                with self.heartbeat(progress.tick):
-                    clean = self.denoise(latents, cond, plan, on_tile=progress.advance, generator=inputs.generators[i])
-                # 4. Decode, crop the padding, colour-correct.
-                decoded = self.decode(clean, plan, progress.stage(units[i][2]))[..., :height, :width]
+                if self.runs_untiled(plan):
+                    # 3-4 in one piece: the same differentiable forward that training calls
+                    with self.heartbeat(progress.tick):
+                        step = self.one_step_from_latents(latents, cond, inputs.noise, inputs.generators[i])
+                    progress.advance(units[i][1])
+                    decoded = self.checked_decode(step.clean_latent, step.image, plan, progress.stage(units[i][2]))
+                else:
+                    latents = self.start_latents(latents, inputs.noise, inputs.generators[i])
+                    with self.heartbeat(progress.tick):
+                        clean = self.denoise(
+                            latents, cond, plan, on_tile=progress.advance, generator=inputs.generators[i]
+                        )
+                    decoded = self.decode(clean, plan, progress.stage(units[i][2]))
+                # 4. Crop the padding, colour-correct.
+                decoded = decoded[..., :height, :width]
                 sr = (decoded.float().cpu() * 0.5 + 0.5).clamp(0, 1)
                 sr = apply_color_fix(inputs.color_fix, sr, self.color_fix_source(inputs.color_fix, lq, lq_up))
                 if lq_up.alpha is not None:
@@ -241,6 +262,70 @@ class OneStepSRBase(DiffusionPipeline, abc.ABC):
         if not return_dict:
             return (output,)
         return OneStepSROutput(images=output, prompts=used_prompts)
+
+    # ------------------------------------------------------------------ the one-step forward
+
+    def one_step(
+        self,
+        image: torch.Tensor,
+        cond: Conditioning,
+        latent_sampling: str = "mode",
+        generator: torch.Generator | None = None,
+        noise: torch.Tensor | None = None,
+    ) -> OneStepResult:
+        """The method's whole forward on a model-ready batch, differentiable end to end.
+
+        image: the VAE's input, [B, 3, H, W] in [-1, 1] at output size (`model_input` of the upsampled LQ; H, W
+            multiples of `pad_multiple`). cond: the denoiser's conditioning (`encode_prompt`/`text_conditioning`/
+            `fixed_conditioning`, plus `condition_on_image` for methods that see the LR). Returns the LQ latent,
+            the predicted clean latent and the decoded image in [-1, 1], NOT clamped, no colour fix, no tiling, no
+            no_grad and no module dtype changes: what `__call__` computes untiled, and what training
+            differentiates. `latent_sampling`/`generator`: the posterior mean or one draw; `noise`: methods that
+            start from a noised latent (ResShift family) take their eps here (else drawn from `generator`).
+        """
+        if self.denoiser_calls != 1:
+            raise ValueError(
+                f"{self.display_name} runs {self.denoiser_calls} denoiser steps; one_step is the one-step forward"
+            )
+        lq_latent = self.encode(image, latent_sampling, generator)
+        return self.one_step_from_latents(lq_latent, cond, noise, generator)
+
+    def prepare_batch(self, lq: torch.Tensor, upscale: int = 1) -> tuple[torch.Tensor, LQImage]:
+        """A training batch's model input: LQ [B, 3, h, w] in [0, 1] -> (the VAE input in [-1, 1] at output size,
+        padded to the latent grid; the LQ as an `LQImage` for `condition_on_image`). `upscale` 1 when the LQ is
+        already at output size (the SD methods train so); the ResShift family always takes the LR itself."""
+        low = LQImage(rgb=lq)
+        image, _ = self.model_input(low, self.upsample(low, upscale) if upscale != 1 else low)
+        return image, low
+
+    def one_step_from_latents(
+        self,
+        lq_latent: torch.Tensor,
+        cond: Conditioning,
+        noise: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> OneStepResult:
+        """`one_step` after the encode: start state, one denoiser evaluation, x0, untiled decode."""
+        start = self.start_latents(lq_latent, noise, generator)
+        clean = self.denoise(start, cond, generator=generator)
+        decoded = self._vae_decode(self.decoder_input(clean).to(self.vae.dtype), TilingPlan.untiled(), None)
+        return OneStepResult(lq_latent=lq_latent, clean_latent=clean, image=decoded)
+
+    def runs_untiled(self, plan: TilingPlan) -> bool:
+        """Whether an image with this plan runs in one piece (then `__call__` goes through `one_step`)."""
+        out_hw = tuple(n * self.vae_scale_factor for n in plan.latent_hw)
+        one_tile = plan.tile_size is None or plan.denoiser_tiles == 1
+        return one_tile and self.denoiser_calls == 1 and not needs_streaming(*out_hw, plan.vae_tile_size)
+
+    def checked_decode(
+        self, clean: torch.Tensor, decoded: torch.Tensor, plan: TilingPlan, report: StageReport
+    ) -> torch.Tensor:
+        """`one_step`'s decoded image as `__call__` returns it: clamped, and through `decode` (fp32 fallback,
+        clear errors) when it is not finite."""
+        report.finish()
+        if all_finite(decoded):
+            return decoded.clamp(-1, 1)
+        return self.decode(clean, plan, None)
 
     # ------------------------------------------------------------------ checks and plans
 

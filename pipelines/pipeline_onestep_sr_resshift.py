@@ -40,7 +40,8 @@ VQ_ROWS_PER_BLOCK = 16384
 
 
 def nearest_codes(z: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
-    """VQ as upstream: argmin over |z|^2 + |e|^2 - 2 z.e in float32, then z + (e - z) (not exactly e)."""
+    """VQ as upstream: argmin over |z|^2 + |e|^2 - 2 z.e in float32, then z + (e - z) (not exactly e), with
+    upstream's straight-through gradient (the difference is detached: d out / d z = 1)."""
     b, c, h, w = z.shape
     flat = z.permute(0, 2, 3, 1).reshape(-1, c).float()
     e = codebook.float()
@@ -51,7 +52,7 @@ def nearest_codes(z: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
         distance = rows.pow(2).sum(1, keepdim=True) + e_sq - 2 * rows @ e.t()
         indices[start : start + VQ_ROWS_PER_BLOCK] = distance.argmin(dim=1)
     codes = e[indices].view(b, h, w, c).permute(0, 3, 1, 2)
-    return z + (codes.to(z.dtype) - z)
+    return z + (codes.to(z.dtype) - z).detach()
 
 
 class OneStepSRResShiftPipeline(OneStepSRBase):

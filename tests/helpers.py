@@ -166,3 +166,12 @@ def make_comfy_models(root: Path) -> tuple[Path, Path]:
     inputs.mkdir()
     shutil.copy(OSEDIFF_PARITY / "cases" / "s1_cat_32x24" / "lr.png", inputs / "example.png")
     return models, inputs
+
+
+def tadsr_case_records() -> list[dict]:
+    return json.loads((TADSR_PARITY / "cases.json").read_text())["cases"]
+
+
+def tadsr_one_step_cases() -> list[str]:
+    """The TAD-SR cases run whole (not the official chopped-patch case), from cases.json."""
+    return [r["name"] for r in tadsr_case_records() if "chop_size" not in r]
