@@ -7,7 +7,7 @@ import numpy as np
 from PIL import Image
 
 from onestep_sr import OneStepSRPipeline, load_pipeline
-from onestep_sr.pipelines.cli import main
+from onestep_sr.cli import main
 
 from helpers import OSEDIFF_PARITY
 

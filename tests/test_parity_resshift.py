@@ -297,7 +297,7 @@ def test_each_sensitivity_row_breaks_parity(pipe, cases, monkeypatch):
 def test_cli_runs_the_family_with_the_seed(pipe, cases, tmp_path):
     import numpy as np
 
-    from onestep_sr.pipelines.cli import main
+    from onestep_sr.cli import main
 
     case = cases[1]
     case.lr().save(tmp_path / "lr.png")

@@ -100,7 +100,7 @@ def test_colour_fixed_output_matches_official(pipes, cases, method):
 
 
 def test_converted_folder_reproduces_official(tmp_path, cases):
-    from onestep_sr.pipelines.cli import main
+    from onestep_sr.cli import main
 
     out = tmp_path / "tsdsr-tiny"
     assert (

@@ -127,7 +127,7 @@ def test_the_comfyui_loader_lists_and_loads_it(fake_method, fake_weights, tmp_pa
 
 
 def test_the_cli_uses_it(fake_method, fake_weights, tmp_path, monkeypatch, capsys):
-    from onestep_sr.pipelines import cli
+    from onestep_sr import cli
 
     image = torch.rand(12, 10, 3, generator=torch.Generator().manual_seed(2))
     path = tmp_path / "in.png"

@@ -98,7 +98,7 @@ def test_tagger_arguments(tmp_path, image):
 def test_cli_tags_finds_the_official_files_and_saves_prompts(tmp_path, monkeypatch, pipe, image):
     import shutil
 
-    from onestep_sr.pipelines import cli
+    from onestep_sr import cli
 
     image.save(tmp_path / "in.png")
     common = ["upscale", str(tmp_path / "in.png"), "--base", str(BASE), "--weights", str(WEIGHTS), "--upscale", "2",

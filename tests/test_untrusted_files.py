@@ -197,7 +197,7 @@ def malicious_pickle(path: Path, payload: str, marker: Path, legacy: bool, besid
 @pytest.mark.parametrize("suffix", [".pkl", ".pt", ".ckpt", ".bin"])
 @pytest.mark.parametrize("payload", sorted(PAYLOADS))
 def test_malicious_pickles_never_run(tmp_path, payload, suffix):
-    from onestep_sr.pipelines.cli import main as cli
+    from onestep_sr.cli import main as cli
 
     marker = tmp_path / "PWNED"
     inputs = write_input(tmp_path)
@@ -221,7 +221,7 @@ def test_malicious_pickle_in_a_fresh_process_never_runs(tmp_path):
     marker = tmp_path / "PWNED"
     evil = malicious_pickle(tmp_path / "osediff.pkl", "os.system", marker, legacy=False, beside_tensors=True)
     result = subprocess.run(
-        [sys.executable, "-m", "onestep_sr.pipelines.cli", "upscale", "--base", str(BASE), "--weights", str(evil),
+        [sys.executable, "-m", "onestep_sr.cli", "upscale", "--base", str(BASE), "--weights", str(evil),
          str(write_input(tmp_path)), "-o", str(tmp_path / "out")],
         capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )  # fmt: skip

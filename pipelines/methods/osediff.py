@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -62,9 +63,82 @@ def build(base: str | os.PathLike, probe: WeightsProbe, options: BuildOptions) -
     source = str(probe.path)
     # conv_in is retrained in full: replace the base layer first, then add its LoRA on top.
     replace_weights(components["unet"], sr.unet_replacements, source)
-    apply_lora(components["unet"], sr.unet_lora, fuse=options.fuse_lora, adapter_name="osediff", source=source)
-    apply_lora(components["vae"], sr.vae_lora, fuse=options.fuse_lora, adapter_name="osediff", source=source)
+    apply_lora(components["unet"], sr.unet_lora, fuse=options.fuse_lora, adapter_name=ADAPTER, source=source)
+    apply_lora(components["vae"], sr.vae_lora, fuse=options.fuse_lora, adapter_name=ADAPTER, source=source)
     return OneStepSRPipeline(**components, timestep=TIMESTEP, method=METHOD.id)
+
+
+ADAPTER = "osediff"
+# the official code routes each UNet LoRA target to one of three adapters by where it sits
+UNET_ADAPTERS = ("default_encoder", "default_decoder", "default_others")
+VAE_ADAPTER = "default_encoder"
+
+
+def unet_adapter_of(module: str) -> str:
+    if "down_blocks" in module or module.startswith("conv_in"):
+        return "default_encoder"
+    if "up_blocks" in module or module.startswith("conv_out"):
+        return "default_decoder"
+    return "default_others"
+
+
+def trainable(pipe: OneStepSRPipeline) -> dict[str, torch.nn.Parameter]:
+    """OSEDiff's trainable weights: the UNet and VAE-encoder LoRA factors and the fully retrained UNet conv_in."""
+    params = {}
+    for component in ("unet", "vae"):
+        for name, p in getattr(pipe, component).named_parameters():
+            if f".lora_A.{ADAPTER}." in name or f".lora_B.{ADAPTER}." in name:
+                params[f"{component}.{name}"] = p
+    for name, p in pipe.unet.conv_in.named_parameters():
+        if name.startswith("base_layer."):
+            params[f"unet.conv_in.{name}"] = p
+    if not params:
+        raise ValueError("this OSEDiff pipeline holds no LoRA layers: build it with load_pipeline(..., fuse_lora=False)")
+    return params
+
+
+def write_weights(pipe: OneStepSRPipeline, path: str | os.PathLike) -> Path:
+    """The official `osediff.pkl` layout (a torch.save of a plain dict of tensors, ints and name lists, readable
+    with weights_only=True): three UNet adapters routed as the official code routes them, the VAE-encoder
+    adapter, conv_in as `conv_in.base_layer.*`, ranks."""
+    unet_sd: dict[str, torch.Tensor] = {}
+    vae_sd: dict[str, torch.Tensor] = {}
+    modules: dict[str, list[str]] = {a: [] for a in UNET_ADAPTERS}
+    vae_modules: list[str] = []
+    ranks = {}
+    for key, p in trainable(pipe).items():
+        component, name = key.split(".", 1)
+        value = p.detach().float().cpu().clone()
+        if ".lora_" not in name:
+            unet_sd[name] = value
+            continue
+        module, factor = name.split(f".lora_")
+        factor = factor.split(".")[0]  # "A" or "B"
+        if component == "unet":
+            adapter = unet_adapter_of(module)
+            unet_sd[f"{module}.lora_{factor}.{adapter}.weight"] = value
+            if factor == "A":
+                modules[adapter].append(module)
+                ranks["unet"] = value.shape[0]
+        else:
+            vae_sd[f"{module}.lora_{factor}.{VAE_ADAPTER}.weight"] = value
+            if factor == "A":
+                vae_modules.append(module)
+                ranks["vae"] = value.shape[0]
+    checkpoint = {
+        "unet_lora_encoder_modules": modules["default_encoder"],
+        "unet_lora_decoder_modules": modules["default_decoder"],
+        "unet_lora_others_modules": modules["default_others"],
+        "vae_lora_encoder_modules": vae_modules,
+        "rank_unet": int(ranks.get("unet", 0)),
+        "rank_vae": int(ranks.get("vae", 0)),
+        "state_dict_unet": unet_sd,
+        "state_dict_vae": vae_sd,
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(checkpoint, path)
+    return path
 
 
 METHOD = register(
@@ -87,5 +161,7 @@ METHOD = register(
         licence="OSEDiff code and weights: Apache-2.0 (cswry/OSEDiff). The SD2.1-base base model: "
         "CreativeML Open RAIL++-M (stabilityai).",
         aliases=("OSEDiff", "one-step effective diffusion"),
+        trainable=trainable,
+        write_weights=write_weights,
     )
 )

@@ -59,6 +59,10 @@ class Method:
     weights_layout: "file" (users pass one file) or "folder" (users pass a folder; `folder_marker`
         is the file that identifies such a folder in model lists).
     extra_options: method-specific keyword arguments that load_pipeline forwards (e.g. "embeddings").
+    trainable(pipe): the weights a fine-tune of this method trains, by name (a pipeline built with
+        fuse_lora=False, so its LoRA factors are still separate tensors).
+    write_weights(pipe, path): the pipeline's current trainable weights in the method's own format at `path`
+        (what `detect` accepts and `build` reads back), so what training writes loads through `load_pipeline`.
     """
 
     id: str
@@ -74,6 +78,8 @@ class Method:
     licence: str = ""
     extra_options: tuple[str, ...] = ()
     aliases: tuple[str, ...] = ()
+    trainable: Callable[[OneStepSRBase], dict[str, torch.nn.Parameter]] | None = None
+    write_weights: Callable[[OneStepSRBase, str | os.PathLike], os.PathLike] | None = None
 
     @property
     def default_weights(self) -> str:

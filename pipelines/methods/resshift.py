@@ -11,6 +11,7 @@ public weights. The VQGAN comes from ResShift (S-Lab licence).
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import torch
 
@@ -107,6 +108,21 @@ def _builder(method_id: str):
     return build
 
 
+def trainable(pipe: OneStepSRResShiftPipeline) -> dict[str, torch.nn.Parameter]:
+    """The ResShift family trains its whole UNet (the VQGAN stays frozen)."""
+    return {f"unet.{name}": p for name, p in pipe.unet.named_parameters()}
+
+
+def write_weights(pipe: OneStepSRResShiftPipeline, path: str | os.PathLike) -> Path:
+    """The official UNet file: a torch.save of the UNet's state dict with the official key names (readable with
+    weights_only=True). The file name picks the schedule at load time (see the detectors): name it as the
+    method it is (e.g. TAD-SR.pth for the one-step computation)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({k: v.detach().float().cpu().clone() for k, v in pipe.unet.state_dict().items()}, path)
+    return path
+
+
 def _method(method_id: str, display: str, files: tuple[WeightFile, ...], detect, licence: str) -> Method:
     return register(
         Method(
@@ -120,6 +136,8 @@ def _method(method_id: str, display: str, files: tuple[WeightFile, ...], detect,
             defaults=DEFAULTS,
             licence=licence,
             aliases=(display, "ResShift", "Swin-UNet"),
+            trainable=trainable,
+            write_weights=write_weights,
         )
     )
 

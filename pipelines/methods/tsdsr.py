@@ -140,7 +140,7 @@ def build(base: str | os.PathLike, probe: WeightsProbe, options: BuildOptions) -
     components = load_sd3_base(base, options.base_config, options.dtype)
     for name, file in (("transformer", transformer_file), ("vae", vae_file)):
         lora = parse_tsdsr_lora(probe.state(file), file)
-        apply_lora(components[name], lora, fuse=options.fuse_lora, adapter_name="tsdsr", source=str(file))
+        apply_lora(components[name], lora, fuse=options.fuse_lora, adapter_name=ADAPTER, source=str(file))
     _check_embeddings_fit(embeds, pooled, components["transformer"], embeddings or transformer_file.parent)
     # TSD-SR: t = 1000 (sigma 1), latents scaled by 1.5305 WITHOUT the shift factor, as it was trained
     return OneStepSRSD3Pipeline(
@@ -150,6 +150,46 @@ def build(base: str | os.PathLike, probe: WeightsProbe, options: BuildOptions) -
         use_shift_factor=False,
         method=METHOD.id,
     )
+
+
+ADAPTER = "tsdsr"
+
+
+def trainable(pipe: OneStepSRSD3Pipeline) -> dict[str, torch.nn.Parameter]:
+    """TSD-SR's trainable weights: the transformer and VAE-encoder LoRA factors."""
+    params = {
+        f"{component}.{name}": p
+        for component in ("transformer", "vae")
+        for name, p in getattr(pipe, component).named_parameters()
+        if f".lora_A.{ADAPTER}." in name or f".lora_B.{ADAPTER}." in name
+    }
+    if not params:
+        raise ValueError("this TSD-SR pipeline holds no LoRA layers: build it with load_pipeline(..., fuse_lora=False)")
+    return params
+
+
+def write_weights(pipe: OneStepSRSD3Pipeline, folder: str | os.PathLike) -> Path:
+    """The official folder: transformer.safetensors and vae.safetensors (peft keys without adapter name behind a
+    `transformer.` prefix, both files, as the official release), plus the prompt embeddings as one
+    embeddings.safetensors (prompt_embeds, pool_embeds)."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    files: dict[str, dict[str, torch.Tensor]] = {"transformer": {}, "vae": {}}
+    for key, p in trainable(pipe).items():
+        component, name = key.split(".", 1)
+        official = "transformer." + name.replace(f".{ADAPTER}.", ".")
+        files[component][official] = p.detach().float().cpu().contiguous()
+    save_file(files["transformer"], str(folder / TRANSFORMER_FILE), metadata={"format": "pt"})
+    save_file(files["vae"], str(folder / VAE_FILE), metadata={"format": "pt"})
+    embedding = pipe.prompt_embedding
+    save_file(
+        {"prompt_embeds": embedding.embeds.detach().float().cpu()[0].contiguous(),
+         "pool_embeds": embedding.pooled.detach().float().cpu()[0].contiguous()},
+        str(folder / EMBEDDINGS_SAFETENSORS),
+    )  # fmt: skip
+    return folder
 
 
 METHOD = register(
@@ -181,5 +221,7 @@ METHOD = register(
         "Stability AI Community License (stabilityai).",
         extra_options=("embeddings",),
         aliases=("TSD-SR", "target score distillation"),
+        trainable=trainable,
+        write_weights=write_weights,
     )
 )

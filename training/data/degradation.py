@@ -517,3 +517,19 @@ def degrade_batch(
         raise ValueError(f"degrade_batch takes [B, 3, H, W] and B parameter sets, got {tuple(hq.shape)}, {len(params)}")
     pairs = [degrade(hq[i : i + 1], p, generator, scale, resize_back) for i, p in enumerate(params)]
     return torch.cat([h for h, _ in pairs]), torch.cat([lq for _, lq in pairs])
+
+
+def degrade_samples(
+    hq: torch.Tensor,
+    params: Sequence[DegradationParams],
+    seeds: Sequence[int],
+    scale: int = 4,
+    resize_back: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hq, lq) for a batch on its device, each image's noise drawn from its own generator (seeded by `seeds`),
+    so an image's LQ does not depend on the batch it is in."""
+    pairs = []
+    for i, (p, seed) in enumerate(zip(params, seeds)):
+        g = torch.Generator(device=hq.device).manual_seed(int(seed))
+        pairs.append(degrade(hq[i : i + 1], p, g, scale, resize_back))
+    return torch.cat([h for h, _ in pairs]), torch.cat([lq for _, lq in pairs])

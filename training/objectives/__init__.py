@@ -1,0 +1,12 @@
+"""Training objectives, one module per method: each defines an `Objective` subclass and registers it by name.
+
+An objective says what is trained (its phases: parameters stepped by one optimizer each, in order) and returns
+a dict of losses for a batch ("loss" is the one differentiated). The loop (training/loop.py) knows no method.
+"""
+
+from __future__ import annotations
+
+from .base import Objective, Phase, get_objective, objective_names, register_objective
+from .regression import RegressionObjective
+
+__all__ = ["Objective", "Phase", "RegressionObjective", "get_objective", "objective_names", "register_objective"]

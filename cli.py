@@ -1,4 +1,6 @@
-"""Command line: `python -m onestep_sr upscale ...` and `python -m onestep_sr convert ...`."""
+"""Command line: `python -m onestep_sr upscale|convert|convert-tagger|train ...`.
+
+`train` imports the training package only when it runs: inference never needs it."""
 
 from __future__ import annotations
 
@@ -8,7 +10,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .options import COLOR_FIX_METHODS, DTYPE_NAMES, LATENT_SAMPLING_MODES
+from .pipelines.options import COLOR_FIX_METHODS, DTYPE_NAMES, LATENT_SAMPLING_MODES
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 DEFAULT_MODELS_DIR = Path(os.environ.get("ONESTEP_SR_MODELS", "models"))
@@ -70,6 +72,14 @@ def build_parser() -> argparse.ArgumentParser:
     tag.add_argument("--out", type=Path, required=True, help="folder to write (load it with onestep_sr.load_tagger)")
     tag.add_argument("--dtype", default="fp16", choices=("fp16", "fp32"), help="stored precision (default fp16)")
 
+    train = sub.add_parser(
+        "train",
+        help="train a one-step SR model (also under `accelerate launch -m onestep_sr train`)",
+        description="Train from a YAML/TOML config; key=value overrides any key (README: Training).",
+    )
+    train.add_argument("config", type=Path, help="the training config (.yaml, .yml or .toml)")
+    train.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. max_steps=100")
+
     conv = sub.add_parser("convert", help="convert official weights + base into a self-contained diffusers folder")
     _add_model_args(conv)
     conv.add_argument(
@@ -79,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
-    from .methods import registered_methods
+    from .pipelines.methods import registered_methods
 
     methods = registered_methods()
     default = methods[0]
@@ -101,7 +111,7 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--method", default=None, choices=[m.id for m in methods], help="skip detection and use this method"
     )
-    from .methods.dape import DAPE_FILE, RAM_FILE
+    from .pipelines.methods.dape import DAPE_FILE, RAM_FILE
 
     parser.add_argument(
         "--tagger",
@@ -130,7 +140,7 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
 
 
 def missing_weights_message(base: Path, weights: Path) -> str | None:
-    from .methods import registered_methods
+    from .pipelines.methods import registered_methods
 
     lines = []
     if not weights.exists():
@@ -168,7 +178,29 @@ def main(argv: list[str] | None = None) -> int:
         return _convert(args)
     if args.command == "convert-tagger":
         return _convert_tagger(args)
+    if args.command == "train":
+        return _train(args)
     return _upscale(args)
+
+
+def _train(args) -> int:
+    from .pipelines.loading import CheckpointError
+    from .training.config import ConfigError, TrainConfig
+
+    try:
+        config = TrainConfig.from_file(args.config, args.overrides)
+        from .training.loop import train
+
+        result = train(config)
+    except (ConfigError, CheckpointError, FileNotFoundError, ImportError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if result.interrupted:
+        print(f"stopped at step {result.step}; resume with: resume=latest (checkpoint {result.last_checkpoint})")
+        return 130
+    for name, path in result.exported.items():
+        print(f"{name}: {path}")
+    return 0
 
 
 def _model_paths_or_message(args) -> tuple[Path, Path, str | None]:
@@ -176,8 +208,8 @@ def _model_paths_or_message(args) -> tuple[Path, Path, str | None]:
 
     Without --base, the base is the usual folder of the method the weights belong to.
     """
-    from .loading import CheckpointError
-    from .methods import detect_method, get_method, registered_methods
+    from .pipelines.loading import CheckpointError
+    from .pipelines.methods import detect_method, get_method, registered_methods
 
     weights = args.weights or DEFAULT_MODELS_DIR / registered_methods()[0].default_weights
     base = args.base
@@ -193,7 +225,7 @@ def _model_paths_or_message(args) -> tuple[Path, Path, str | None]:
 
 
 def _method_options(args) -> dict:
-    from .methods import registered_methods
+    from .pipelines.methods import registered_methods
 
     names = {o for m in registered_methods() for o in m.extra_options}
     return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
@@ -202,7 +234,7 @@ def _method_options(args) -> dict:
 def _tagger_for(args, method) -> tuple | None:
     """(RAM base, DAPE LoRA or None) from --tagger/--tagger-lora, else found in the models folder by their
     official names when the method's pipeline takes a tagger; None without one."""
-    from .methods.dape import find_tagger_files
+    from .pipelines.methods.dape import find_tagger_files
 
     if args.no_tagger or not method.pipeline_class.accepts_tagger:
         if args.tagger and not args.no_tagger:
@@ -217,8 +249,8 @@ def _tagger_for(args, method) -> tuple | None:
 
 
 def _convert_tagger(args) -> int:
-    from .loading import CheckpointError
-    from .methods.dape import convert_tagger
+    from .pipelines.loading import CheckpointError
+    from .pipelines.methods.dape import convert_tagger
 
     try:
         out = convert_tagger(args.tagger, args.tagger_lora, args.out, dtype=args.dtype)
@@ -230,8 +262,8 @@ def _convert_tagger(args) -> int:
 
 
 def _convert(args) -> int:
-    from .loading import CheckpointError
-    from .methods import convert_to_diffusers, detect_method
+    from .pipelines.loading import CheckpointError
+    from .pipelines.methods import convert_to_diffusers, detect_method
 
     base, weights, message = _model_paths_or_message(args)
     if message:
@@ -256,13 +288,13 @@ def _upscale(args) -> int:
     from PIL import Image
     from tqdm.auto import tqdm
 
-    from .images import ImageInputError, resize_to_long_side
-    from .loading import CheckpointError
-    from .methods import detect_method, load_pipeline
+    from .pipelines.images import ImageInputError, resize_to_long_side
+    from .pipelines.loading import CheckpointError
+    from .pipelines.methods import detect_method, load_pipeline
 
     demo_dir = None
     if args.demo:
-        from .demo_models import build_demo_model
+        from .pipelines.demo_models import build_demo_model
 
         print(
             "DEMO: building a tiny, randomly initialised (untrained) model; the output shows the pipeline "
