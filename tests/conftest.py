@@ -2,6 +2,8 @@ import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # a tripwire: nothing in the suite may reach a model hub
 
+from functools import cache
+
 import pytest
 import torch
 
@@ -12,9 +14,20 @@ torch.set_num_threads(2)  # the parity data was produced on 2 threads
 
 @pytest.fixture(scope="session")
 def parity_cases() -> list[ParityCase]:
-    cases = [ParityCase(r) for r in osediff_cases()]
-    assert len(cases) == 3, "the OSEDiff parity data must be present (tests/data/parity/osediff)"
+    cases = [osediff_case(r["name"]) for r in osediff_cases()]
+    assert cases, f"no OSEDiff parity cases in {OSEDIFF_PARITY}"
     return cases
+
+
+@cache
+def osediff_case(name: str) -> ParityCase:
+    return ParityCase(next(r for r in osediff_cases() if r["name"] == name))
+
+
+@pytest.fixture(params=[r["name"] for r in osediff_cases()])
+def parity_case(request) -> ParityCase:
+    """One OSEDiff parity case per test (its name in the test id)."""
+    return osediff_case(request.param)
 
 
 @pytest.fixture(scope="session")

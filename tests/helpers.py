@@ -24,6 +24,7 @@ def parity_dir(name: str) -> Path:
         raise FileNotFoundError(f"parity data {folder} is missing (ONESTEP_SR_PARITY_ROOT={parity_root()})")
     return folder
 
+
 # every node the pack registers, in registration order
 NODE_IDS = [
     "OneStepSRModelLoader",

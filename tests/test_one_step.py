@@ -5,6 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from safetensors.torch import load_file
+
+from onestep_sr import load_pipeline
+from onestep_sr.pipelines.images import load_images
+
 from helpers import (
     OSEDIFF_RAW_ATOL,
     TADSR_PARITY,
@@ -15,10 +20,6 @@ from helpers import (
     tadsr_one_step_cases,
     tsdsr_cases,
 )
-from safetensors.torch import load_file
-
-from onestep_sr import load_pipeline
-from onestep_sr.pipelines.images import load_images
 
 CPU = torch.device("cpu")
 
@@ -97,7 +98,9 @@ def test_tsdsr():
 def test_tadsr(case_dir):
     from PIL import Image
 
-    pipe = load_pipeline(TADSR_PARITY / "models" / "autoencoder_vq_f4_tiny_A.pth", TADSR_PARITY / "models" / "tadsr_tiny_A.pth")
+    pipe = load_pipeline(
+        TADSR_PARITY / "models" / "autoencoder_vq_f4_tiny_A.pth", TADSR_PARITY / "models" / "tadsr_tiny_A.pth"
+    )
     pipe.set_progress_bar_config(disable=True)
     params = [p for n, p in pipe.unet.named_parameters() if n.startswith("out.")]
     for p in params:
@@ -118,7 +121,9 @@ def test_tadsr(case_dir):
 def test_one_step_refuses_multi_step_samplers():
     from onestep_sr import OneStepSRResShiftPipeline
 
-    pipe = load_pipeline(TADSR_PARITY / "models" / "autoencoder_vq_f4_tiny_A.pth", TADSR_PARITY / "models" / "tadsr_tiny_A.pth")
+    pipe = load_pipeline(
+        TADSR_PARITY / "models" / "autoencoder_vq_f4_tiny_A.pth", TADSR_PARITY / "models" / "tadsr_tiny_A.pth"
+    )
     multi = OneStepSRResShiftPipeline(pipe.vae, pipe.unet, num_inference_steps=15)
     with pytest.raises(ValueError, match="15 denoiser steps"):
         multi.one_step(torch.zeros(1, 3, 256, 256), None)

@@ -7,6 +7,7 @@ the former and is 20x below the smallest deliberate mistake in sensitivity.json 
 checked here on the mean). The closest tag is 6.5e-3 from its threshold, so tag strings must match exactly.
 """
 
+import functools
 import json
 
 import pytest
@@ -38,11 +39,24 @@ class Case:
         return Image.open(self.dir / "lq.png")
 
 
+CASE_NAMES = [c["name"] for c in json.loads((DAPE_PARITY / "cases.json").read_text())["cases"]]
+
+
+@functools.cache
+def load_case(name: str) -> Case:
+    return Case(name)
+
+
 @pytest.fixture(scope="module")
 def cases():
-    names = [c["name"] for c in json.loads((DAPE_PARITY / "cases.json").read_text())["cases"]]
-    assert len(names) == 5, "the DAPE parity data must be present (tests/data/parity/dape)"
-    return [Case(n) for n in names]
+    assert CASE_NAMES, f"no DAPE parity cases in {DAPE_PARITY}"
+    return [load_case(n) for n in CASE_NAMES]
+
+
+@pytest.fixture(params=CASE_NAMES)
+def case(request) -> Case:
+    """One DAPE parity case per test (its name in the test id)."""
+    return load_case(request.param)
 
 
 @pytest.fixture(scope="module")
@@ -72,36 +86,35 @@ def test_config_is_read_from_the_weights_shapes(tagger):
     assert (c.head_hidden, c.head_layers, c.head_intermediate, c.image_embed_dim) == (64, 2, 128, 512)
     queries = torch.relu(tagger.wordvec_proj(tagger.label_embed))
     expected = load_file(DAPE_PARITY / "model" / "model_constants.safetensors")["label_queries"]
-    torch.testing.assert_close(queries, expected, atol=1e-6, rtol=0)
+    # a float32 Linear: the recorded constants came from another CPU's BLAS kernel, and another summation order
+    # moves them by up to 2.6e-6 here (AVX-512), against values of order 1
+    torch.testing.assert_close(queries, expected, atol=1e-5, rtol=0)
 
 
-def test_intermediates_and_logits_from_the_official_input(tagger, cases):
-    for case in cases:
-        swin = tagger.visual_encoder(case.ram_input)
-        assert max_diff(swin, case.intermediates["swin_out"]) < 1e-5, case.name
-        assert max_diff(tagger.image_proj(swin), case.intermediates["image_embeds"]) < 1e-5, case.name
-        assert max_diff(tagger.logits(case.ram_input)[0], case.outputs["logits"]) <= LOGIT_ATOL, case.name
+def test_intermediates_and_logits_from_the_official_input(tagger, case):
+    swin = tagger.visual_encoder(case.ram_input)
+    assert max_diff(swin, case.intermediates["swin_out"]) < 1e-5, case.name
+    assert max_diff(tagger.image_proj(swin), case.intermediates["image_embeds"]) < 1e-5, case.name
+    assert max_diff(tagger.logits(case.ram_input)[0], case.outputs["logits"]) <= LOGIT_ATOL, case.name
 
 
-def test_default_reproduces_the_official_pinned_environment(tagger, cases):
+def test_default_reproduces_the_official_pinned_environment(tagger, case):
     """No antialias (torchvision 0.15 with the pinned torch 2.0.1): the *_noaa results."""
-    for case in cases:
-        logits = tagger.logits(tagger.preprocess(case.lq()))[0]
-        assert max_diff(logits, case.outputs["logits_noaa"]) <= LOGIT_ATOL, case.name
-        noaa = case.record["noaa"]
-        assert tagger.tags(case.lq()) == [noaa["tags"]], case.name
-        assert tagger.prompt(case.lq()) == [noaa["prompt_user_empty"]]
-        assert tagger.prompt(case.lq(), "a photo") == [noaa["prompt_user_given"]]
+    logits = tagger.logits(tagger.preprocess(case.lq()))[0]
+    assert max_diff(logits, case.outputs["logits_noaa"]) <= LOGIT_ATOL, case.name
+    noaa = case.record["noaa"]
+    assert tagger.tags(case.lq()) == [noaa["tags"]], case.name
+    assert tagger.prompt(case.lq()) == [noaa["prompt_user_empty"]]
+    assert tagger.prompt(case.lq(), "a photo") == [noaa["prompt_user_given"]]
 
 
-def test_antialias_option_reproduces_the_reference_files(tagger_aa, cases):
+def test_antialias_option_reproduces_the_reference_files(tagger_aa, case):
     assert tagger_aa.config.antialias is True
-    for case in cases:
-        pixel_values = tagger_aa.preprocess(case.lq())
-        assert max_diff(pixel_values, case.ram_input) < 1e-6, case.name
-        assert max_diff(tagger_aa.logits(pixel_values)[0], case.outputs["logits"]) <= LOGIT_ATOL, case.name
-        assert tagger_aa.tags(case.lq()) == [case.record["tags"]], case.name
-        assert tagger_aa.prompt(case.lq(), "a photo") == [case.record["prompt_user_given"]]
+    pixel_values = tagger_aa.preprocess(case.lq())
+    assert max_diff(pixel_values, case.ram_input) < 1e-6, case.name
+    assert max_diff(tagger_aa.logits(pixel_values)[0], case.outputs["logits"]) <= LOGIT_ATOL, case.name
+    assert tagger_aa.tags(case.lq()) == [case.record["tags"]], case.name
+    assert tagger_aa.prompt(case.lq(), "a photo") == [case.record["prompt_user_given"]]
 
 
 def test_a_batch_gives_tags_per_image(tagger, cases):

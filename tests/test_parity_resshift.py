@@ -10,6 +10,7 @@ section 6.1: an index flip is not an error, it moves the output by up to 0.13 in
 allowed 2e-3 per flip. Every sensitivity row moves the output by >= 0.05 on average (sensitivity.json): far above.
 """
 
+import functools
 import json
 
 import pytest
@@ -49,9 +50,20 @@ def pipe():
     return pipe
 
 
+@functools.cache
+def load_case(name: str) -> Case:
+    return Case(name)
+
+
+@pytest.fixture(params=ONE_STEP)
+def case(request) -> Case:
+    """One TAD-SR one-step parity case per test (its name in the test id)."""
+    return load_case(request.param)
+
+
 @pytest.fixture(scope="module")
 def cases():
-    found = [Case(n) for n in ONE_STEP]
+    found = [load_case(n) for n in ONE_STEP]
     assert all(c.t["eps"].numel() for c in found), "the TAD-SR parity data must be present (tests/data/parity/tadsr)"
     return found
 
@@ -96,65 +108,62 @@ def test_schedule_matches_the_official_table():
     assert torch.equal(norm, torch.sqrt(etas32.double() * 4.0 + 1).float())
     ulp = torch.finfo(torch.float32).eps * norm
     assert ((norm - torch.tensor(runtime["norm_factor"])).abs() <= ulp).all()
-    v3 = json.loads((TADSR_PARITY / "cases" / "r1_resshift_v3_4step_48x40" / "case.json").read_text())["schedule"]
-    mine = sqrt_eta_schedule(4, 0.2, 2.0, 0.99, 0.3, clamp_start=False)  # ResShift: no sqrt(0.001) cap
-    assert max(abs(a - b) for a, b in zip(mine, v3["sqrt_etas"])) < 1e-7
+    for name in multi_step_cases():
+        v3 = json.loads((TADSR_PARITY / "cases" / name / "case.json").read_text())["schedule"]
+        mine = sqrt_eta_schedule(4, 0.2, 2.0, 0.99, 0.3, clamp_start=False)  # ResShift: no sqrt(0.001) cap
+        assert max(abs(a - b) for a, b in zip(mine, v3["sqrt_etas"])) < 1e-7
 
 
-def test_stages_match_the_official_intermediates(pipe, cases):
+def test_stages_match_the_official_intermediates(pipe, case):
     from onestep_sr.pipelines.images import load_images
 
-    for case in cases:
-        (lq,) = load_images(case.lr())
-        assert torch.equal(lq.rgb * 2 - 1, case.t["lr_m11"])
-        x_up, size = pipe.model_input(lq, None)
-        if "x_up" in case.t:
-            assert torch.equal(x_up, case.t["x_up"])
-        cond = pipe.condition_on_image(
-            pipe.encode_prompt("", None, None, 0, torch.device("cpu")), lq, torch.device("cpu")
-        )
-        if "lq_padded" in case.t:
-            assert torch.equal(cond.image, case.t["lq_padded"])
-        z = pipe.encode(x_up, "mode", None)
-        assert (z - case.t["z_y"]).abs().max() <= 5e-5, case.name
-        x_t = pipe.start_latents(case.t["z_y"], case.t["eps"], None)
-        assert torch.equal(x_t, case.t["x_T"]), case.name  # the closed form, bit for bit
-        plan = TilingPlan.untiled(tuple(x_t.shape[-2:]))
-        pred = pipe.denoise(x_t, cond, plan)
-        assert (pred - case.t["pred_x0"]).abs().max() <= 1e-4, case.name
-        codebook = pipe.vae.quantize.embedding.weight
-        near_tie = case.t["vq_near_tie"].bool()
-        assert torch.equal(code_indices(pred, codebook)[~near_tie], case.t["vq_indices"].long()[~near_tie])
-        if "z_q" in case.t:  # the decoder alone, from the official quantised latent
-            decoded = pipe.vae.decode(case.t["z_q"], force_not_quantize=True).sample[..., : size[0], : size[1]]
-            assert (decoded - case.t["decoded"]).abs().max() <= 1e-4, case.name
-            assert torch.allclose(nearest_codes(case.t["pred_x0"], codebook), case.t["z_q"], atol=1e-6)
-            # row blocks (bounded memory on large images) give the same codes as one block
-            from onestep_sr.pipelines import pipeline_onestep_sr_resshift as module
-
-            one_block = nearest_codes(pred, codebook)
-            blocked, module.VQ_ROWS_PER_BLOCK = module.VQ_ROWS_PER_BLOCK, 100
-            try:
-                assert torch.equal(nearest_codes(pred, codebook), one_block)
-            finally:
-                module.VQ_ROWS_PER_BLOCK = blocked
-
-
-def test_output_through_the_public_api(pipe, cases):
+    (lq,) = load_images(case.lr())
+    assert torch.equal(lq.rgb * 2 - 1, case.t["lr_m11"])
+    x_up, size = pipe.model_input(lq, None)
+    if "x_up" in case.t:
+        assert torch.equal(x_up, case.t["x_up"])
+    cond = pipe.condition_on_image(pipe.encode_prompt("", None, None, 0, torch.device("cpu")), lq, torch.device("cpu"))
+    if "lq_padded" in case.t:
+        assert torch.equal(cond.image, case.t["lq_padded"])
+    z = pipe.encode(x_up, "mode", None)
+    assert (z - case.t["z_y"]).abs().max() <= 5e-5, case.name
+    x_t = pipe.start_latents(case.t["z_y"], case.t["eps"], None)
+    assert torch.equal(x_t, case.t["x_T"]), case.name  # the closed form, bit for bit
+    plan = TilingPlan.untiled(tuple(x_t.shape[-2:]))
+    pred = pipe.denoise(x_t, cond, plan)
+    assert (pred - case.t["pred_x0"]).abs().max() <= 1e-4, case.name
     codebook = pipe.vae.quantize.embedding.weight
-    for case in cases:
-        out = run(pipe, case)
-        assert out.shape[-2:] == case.reference.shape[-2:]
-        ours = code_indices(
-            pipe.denoise(
-                case.t["x_T"],
-                pipe.condition_on_image(
-                    pipe.encode_prompt("", None, None, 0, torch.device("cpu")), _lq(case), torch.device("cpu")
-                ),
+    near_tie = case.t["vq_near_tie"].bool()
+    assert torch.equal(code_indices(pred, codebook)[~near_tie], case.t["vq_indices"].long()[~near_tie])
+    if "z_q" in case.t:  # the decoder alone, from the official quantised latent
+        decoded = pipe.vae.decode(case.t["z_q"], force_not_quantize=True).sample[..., : size[0], : size[1]]
+        assert (decoded - case.t["decoded"]).abs().max() <= 1e-4, case.name
+        assert torch.allclose(nearest_codes(case.t["pred_x0"], codebook), case.t["z_q"], atol=1e-6)
+        # row blocks (bounded memory on large images) give the same codes as one block
+        from onestep_sr.pipelines import pipeline_onestep_sr_resshift as module
+
+        one_block = nearest_codes(pred, codebook)
+        blocked, module.VQ_ROWS_PER_BLOCK = module.VQ_ROWS_PER_BLOCK, 100
+        try:
+            assert torch.equal(nearest_codes(pred, codebook), one_block)
+        finally:
+            module.VQ_ROWS_PER_BLOCK = blocked
+
+
+def test_output_through_the_public_api(pipe, case):
+    codebook = pipe.vae.quantize.embedding.weight
+    out = run(pipe, case)
+    assert out.shape[-2:] == case.reference.shape[-2:]
+    ours = code_indices(
+        pipe.denoise(
+            case.t["x_T"],
+            pipe.condition_on_image(
+                pipe.encode_prompt("", None, None, 0, torch.device("cpu")), _lq(case), torch.device("cpu")
             ),
-            codebook,
-        )
-        assert_output_matches(out, case, ours != case.t["vq_indices"].long())
+        ),
+        codebook,
+    )
+    assert_output_matches(out, case, ours != case.t["vq_indices"].long())
 
 
 def _lq(case):
@@ -170,15 +179,31 @@ def test_recorded_seed_reproduces_the_official_noise(pipe, cases):
         torch.testing.assert_close(seeded, run(pipe, case), atol=0, rtol=0)
 
 
+def largest(cases):
+    return max(cases, key=lambda c: c.lr().size[0] * c.lr().size[1])
+
+
+def padded(cases):
+    """The first case whose LR is not a multiple of the padding (so the padding rows apply)."""
+    return next(c for c in cases if any(n % 64 for n in c.lr().size))
+
+
+def multi_step_cases() -> list[str]:
+    """Cases of ResShift's own sampler: folders whose case.json records a schedule (not in cases.json)."""
+    folders = sorted(p for p in (TADSR_PARITY / "cases").iterdir() if (p / "case.json").is_file())
+    return [p.name for p in folders if "schedule" in json.loads((p / "case.json").read_text())]
+
+
 def test_streamed_vae_and_tiles_stay_close(pipe, cases):
     """Default settings (streamed VAE beyond 512 px, tiles beyond 256 latents) on the largest case."""
-    case = cases[3]
+    case = largest(cases)
     out = pipe(case.lr(), upscale=4, noise=case.t["eps"], output_type="pt").images
     assert (out - run(pipe, case)).abs().max() < 2e-3  # the streamed VQ VAE is exact up to float error
 
 
-def test_resshift_v3_four_steps(cases):
-    case = Case("r1_resshift_v3_4step_48x40")
+@pytest.mark.parametrize("name", multi_step_cases())
+def test_resshift_v3_four_steps(name):
+    case = Case(name)
     v3 = load_pipeline(VQ, UNET, method="resshift-v3")
     v3.set_progress_bar_config(disable=True)
     assert v3.timesteps == [3, 2, 1, 0] and v3.denoiser_calls == 4
@@ -250,7 +275,7 @@ def _mean_change(out, case) -> float:
 def test_each_sensitivity_row_breaks_parity(pipe, cases, monkeypatch):
     import torch.nn.functional as F
 
-    case = cases[1]  # s2: padded, so the padding row applies too
+    case = padded(cases)  # so the padding row applies too
     assert _mean_change(run(pipe, case), case) < 1e-5
     cls = OneStepSRResShiftPipeline
     real_denoise, real_model_input = cls.denoise, cls.model_input
@@ -299,7 +324,7 @@ def test_cli_runs_the_family_with_the_seed(pipe, cases, tmp_path):
 
     from onestep_sr.cli import main
 
-    case = cases[1]
+    case = padded(cases)
     case.lr().save(tmp_path / "lr.png")
     args = ["upscale", str(tmp_path / "lr.png"), "-o", str(tmp_path / "out"), "--base", str(VQ), "--weights", str(UNET),
             "--dtype", "fp32", "--seed", str(case.record["seed"])]  # fmt: skip
@@ -315,6 +340,6 @@ def test_half_precisions_run_close_to_fp32(pipe, cases, dtype):
     0.033 for bf16, 0.008 for fp16 on s2), so this bounds the drift loosely and checks the run is finite."""
     half = load_pipeline(VQ, UNET, dtype=dtype)
     half.set_progress_bar_config(disable=True)
-    case = cases[1]
+    case = padded(cases)
     out = run(half, case)
     assert torch.isfinite(out).all() and (out - run(pipe, case)).abs().mean() < 0.1

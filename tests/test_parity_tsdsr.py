@@ -5,6 +5,7 @@ Tolerance: re-running the official code with 1 instead of 2 threads moved the ra
 deliberate mistake in the sensitivity table (the smallest, the shift factor, moves it by 0.27).
 """
 
+import functools
 import hashlib
 import json
 
@@ -27,6 +28,20 @@ from helpers import tsdsr_raw_diff as raw_diff
 COLORFIX_ATOL = {"wavelet": 1 / 255 + RAW_ATOL, "adain": 1.5 / 255 + RAW_ATOL}
 BASE = TSDSR_PARITY / "tiny-sd3"
 EMBEDDINGS = TSDSR_PARITY / "embeddings"
+
+
+CASE_IDS = [c["id"] for c in json.loads((TSDSR_PARITY / "cases.json").read_text())["cases"]]
+
+
+@functools.cache
+def load_case(case_id: str):
+    return next(c for c in tsdsr_cases() if c.id == case_id)
+
+
+@pytest.fixture(params=CASE_IDS)
+def case(request):
+    """One TSD-SR parity case per test (its id in the test id)."""
+    return load_case(request.param)
 
 
 @pytest.fixture(scope="module")
@@ -58,45 +73,40 @@ def test_parity_data_is_intact():
             assert hashlib.sha256((TSDSR_PARITY / name).read_bytes()).hexdigest() == digest, name
 
 
-def test_preprocessing_matches_official_bit_for_bit(cases):
-    for case in cases:
-        (lq,) = load_images(case.png("lr"))
-        assert torch.equal(lq.rgb, case.input["lr"])
-        assert torch.equal(upsample_torch_bicubic(lq, 4).rgb * 2 - 1, case.input["pixel_values"])
+def test_preprocessing_matches_official_bit_for_bit(case):
+    (lq,) = load_images(case.png("lr"))
+    assert torch.equal(lq.rgb, case.input["lr"])
+    assert torch.equal(upsample_torch_bicubic(lq, 4).rgb * 2 - 1, case.input["pixel_values"])
 
 
-def test_latent_draw_reproduces_official(pipes, cases):
-    for case in cases:
-        pipe = pipes(case.lora_dir)
-        z = pipe.encode(case.input["pixel_values"], "sample", case.generator())
-        torch.testing.assert_close(z, case.latent["z"], atol=2e-5, rtol=0)
+def test_latent_draw_reproduces_official(pipes, case):
+    pipe = pipes(case.lora_dir)
+    z = pipe.encode(case.input["pixel_values"], "sample", case.generator())
+    torch.testing.assert_close(z, case.latent["z"], atol=2e-5, rtol=0)
 
 
 @pytest.mark.parametrize("fuse", [True, False], ids=["fused", "peft_adapters"])
-def test_raw_output_matches_official(pipes, cases, fuse):
-    for case in cases:
-        pipe = pipes(case.lora_dir, fuse)
-        assert raw_diff(run_case(pipe, case), case) <= RAW_ATOL, case.id
-        from_lr = run_case(pipe, case, image=case.png("lr"), upscale=4)
-        assert from_lr.shape[-2:] == case.raw.shape[-2:] and raw_diff(from_lr, case) <= RAW_ATOL, case.id
+def test_raw_output_matches_official(pipes, case, fuse):
+    pipe = pipes(case.lora_dir, fuse)
+    assert raw_diff(run_case(pipe, case), case) <= RAW_ATOL, case.id
+    from_lr = run_case(pipe, case, image=case.png("lr"), upscale=4)
+    assert from_lr.shape[-2:] == case.raw.shape[-2:] and raw_diff(from_lr, case) <= RAW_ATOL, case.id
 
 
 @pytest.mark.parametrize("method,fn", [("wavelet", wavelet_color_fix), ("adain", adain_color_fix)])
-def test_colour_fix_on_official_inputs_is_exact(cases, method, fn):
-    for case in cases:
-        target = png_to_tensor(case.png("nofix"))
-        source = png_to_tensor(case.png("lr_x4_pil")) if method == "wavelet" else case.input["lr"]
-        # the stored result is before clamping; ours clamps, as upstream does before saving
-        torch.testing.assert_close(fn(target, source)[0], case.colorfix[method].clamp(0, 1), atol=1e-6, rtol=0)
+def test_colour_fix_on_official_inputs_is_exact(case, method, fn):
+    target = png_to_tensor(case.png("nofix"))
+    source = png_to_tensor(case.png("lr_x4_pil")) if method == "wavelet" else case.input["lr"]
+    # the stored result is before clamping; ours clamps, as upstream does before saving
+    torch.testing.assert_close(fn(target, source)[0], case.colorfix[method].clamp(0, 1), atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("method", ["wavelet", "adain"])
-def test_colour_fixed_output_matches_official(pipes, cases, method):
-    for case in cases:
-        images = run_case(pipes(case.lora_dir), case, image=case.png("lr"), upscale=4, color_fix=method)
-        diff = (images[0] - case.colorfix[method].clamp(0, 1)).abs()
-        assert diff.max().item() <= COLORFIX_ATOL[method], f"{case.id} {method}: {diff.max().item():.4g}"
-        assert diff.mean().item() < 0.5 / 255
+def test_colour_fixed_output_matches_official(pipes, case, method):
+    images = run_case(pipes(case.lora_dir), case, image=case.png("lr"), upscale=4, color_fix=method)
+    diff = (images[0] - case.colorfix[method].clamp(0, 1)).abs()
+    assert diff.max().item() <= COLORFIX_ATOL[method], f"{case.id} {method}: {diff.max().item():.4g}"
+    assert diff.mean().item() < 0.5 / 255
 
 
 def test_converted_folder_reproduces_official(tmp_path, cases):
@@ -166,8 +176,16 @@ def test_shift_factor_breaks_parity(pipes, cases):
     assert raw_diff(run_case(shifted, case), case) > 100 * RAW_ATOL
 
 
+def lora_rank(case) -> int:
+    from safetensors.torch import load_file
+
+    weights = load_file(case.lora_dir / "transformer.safetensors")
+    return next(v.shape[0] for k, v in weights.items() if ".lora_A." in k)
+
+
 def test_missing_vae_lora_or_wrong_scale_breaks_parity(monkeypatch, cases):
-    case = cases[2]  # rank 4: peft's default lora_alpha=8 would give scale 2 instead of 1
+    # a rank-4 LoRA: peft's default lora_alpha=8 would give scale 2 instead of 1
+    case = next(c for c in cases if lora_rank(c) == 4)
     original = tsdsr.parse_tsdsr_lora
 
     def scaled(state, path="<w>"):

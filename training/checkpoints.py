@@ -63,9 +63,17 @@ def _tensors(state: dict, prefix: str = "") -> tuple[dict[str, torch.Tensor], An
             tensors[key] = value.detach().cpu().contiguous()
             return {"__tensor__": key}
         if isinstance(value, dict):
-            return {"__dict__": [[walk(k, f"{path}.k{i}"), walk(v, f"{path}.{i}")] for i, (k, v) in enumerate(value.items())]}
+            return {
+                "__dict__": [
+                    [walk(k, f"{path}.k{i}"), walk(v, f"{path}.{i}")] for i, (k, v) in enumerate(value.items())
+                ]
+            }
         if isinstance(value, (list, tuple)):
-            return {"__list__" if isinstance(value, list) else "__tuple__": [walk(v, f"{path}.{i}") for i, v in enumerate(value)]}
+            return {
+                "__list__" if isinstance(value, list) else "__tuple__": [
+                    walk(v, f"{path}.{i}") for i, v in enumerate(value)
+                ]
+            }
         return value
 
     return tensors, walk(state, "s")
@@ -173,7 +181,9 @@ def load_main(
     weights = load_file(str(folder / "trainable.safetensors"))
     if weights.keys() != trainable.keys():
         missing, extra = sorted(trainable.keys() - weights.keys()), sorted(weights.keys() - trainable.keys())
-        raise ValueError(f"{folder}: the checkpoint's weights do not match this run (missing {missing[:3]}, extra {extra[:3]})")
+        raise ValueError(
+            f"{folder}: the checkpoint's weights do not match this run (missing {missing[:3]}, extra {extra[:3]})"
+        )
     with torch.no_grad():
         for k, p in trainable.items():
             p.copy_(weights[k])

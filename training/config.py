@@ -121,12 +121,22 @@ class TrainConfig:
         need(self.lr_schedule in LR_SCHEDULES, "lr_schedule", f"one of {LR_SCHEDULES}")
         need(self.mixed_precision in PRECISIONS, "mixed_precision", f"one of {PRECISIONS}")
         need(self.degradation in ("realesrgan", "none"), "degradation", "'realesrgan' or 'none'")
-        need(self.degradation != "none" or self.train_lq_data is not None, "degradation",
-             "'realesrgan' unless train_lq_data gives paired LQ images")  # fmt: skip
+        need(
+            self.degradation != "none" or self.train_lq_data is not None,
+            "degradation",
+            "'realesrgan' unless train_lq_data gives paired LQ images",
+        )
         for key in ("crop_size", "batch_size", "gradient_accumulation_steps", "max_steps", "scale", "lr_cycles"):
             need(getattr(self, key) >= 1, key, "a whole number >= 1")
-        for key in ("num_workers", "lr_warmup_steps", "checkpoint_every", "keep_checkpoints", "log_every",
-                    "val_every", "val_samples"):  # fmt: skip
+        for key in (
+            "num_workers",
+            "lr_warmup_steps",
+            "checkpoint_every",
+            "keep_checkpoints",
+            "log_every",
+            "val_every",
+            "val_samples",
+        ):
             need(getattr(self, key) >= 0, key, "a whole number >= 0")
         need(self.crop_size % self.scale == 0, "crop_size", f"a multiple of scale ({self.scale})")
         need(self.learning_rate > 0, "learning_rate", "> 0")
@@ -134,8 +144,11 @@ class TrainConfig:
         need(self.max_grad_norm >= 0, "max_grad_norm", ">= 0 (0 disables clipping)")
         need(0 <= self.ema_decay < 1, "ema_decay", "in [0, 1) (0 disables EMA)")
         need(self.mse_weight >= 0 and self.perceptual_weight >= 0, "mse_weight", "loss weights >= 0")
-        need(self.resume is None or self.resume == "latest" or Path(self.resume).is_dir(), "resume",
-             "'latest' or an existing checkpoint folder")  # fmt: skip
+        need(
+            self.resume is None or self.resume == "latest" or Path(self.resume).is_dir(),
+            "resume",
+            "'latest' or an existing checkpoint folder",
+        )
         for key in ("base", "weights", "train_data"):
             need(Path(getattr(self, key)).exists(), key, "an existing path")
         for key in ("train_lq_data", "val_data", "embeddings", "perceptual_weights"):

@@ -197,8 +197,9 @@ class Trainer:
         c = self.config
         objective_cls = get_objective(c.objective)
         options = {"embeddings": c.embeddings} if c.embeddings else {}
-        pipe = load_pipeline(c.base, c.weights, dtype="fp32", device=self.device, fuse_lora=False, method=c.method,
-                             **options)  # fmt: skip
+        pipe = load_pipeline(
+            c.base, c.weights, dtype="fp32", device=self.device, fuse_lora=False, method=c.method, **options
+        )
         pipe.set_progress_bar_config(disable=True)
         for module in pipe.components.values():
             if isinstance(module, torch.nn.Module):
@@ -225,9 +226,12 @@ class Trainer:
         self.optimizers, self.schedulers = {}, {}
         for phase in self.phases:
             opt = torch.optim.AdamW(
-                list(phase.parameters.values()), lr=phase.learning_rate, betas=(c.adam_beta1, c.adam_beta2),
-                eps=c.adam_epsilon, weight_decay=c.weight_decay,
-            )  # fmt: skip
+                list(phase.parameters.values()),
+                lr=phase.learning_rate,
+                betas=(c.adam_beta1, c.adam_beta2),
+                eps=c.adam_epsilon,
+                weight_decay=c.weight_decay,
+            )
             self.optimizers[phase.name] = opt
             self.schedulers[phase.name] = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(c, s))
         fp16 = c.mixed_precision == "fp16"
@@ -244,10 +248,12 @@ class Trainer:
         from .data.datasets import PositionSampler, collate
 
         c, state = self.config, self.accelerator.state
-        sampler = PositionSampler(start_step, c.batch_size, c.gradient_accumulation_steps, state.num_processes,
-                                  state.process_index)  # fmt: skip
-        loader = torch.utils.data.DataLoader(self.dataset, batch_size=c.batch_size, sampler=sampler,
-                                             num_workers=c.num_workers, collate_fn=collate)  # fmt: skip
+        sampler = PositionSampler(
+            start_step, c.batch_size, c.gradient_accumulation_steps, state.num_processes, state.process_index
+        )
+        loader = torch.utils.data.DataLoader(
+            self.dataset, batch_size=c.batch_size, sampler=sampler, num_workers=c.num_workers, collate_fn=collate
+        )
         return iter(loader)
 
     # ------------------------------------------------------------------ one step
@@ -284,8 +290,11 @@ class Trainer:
             params = list(phase.parameters.values())
             opt.zero_grad(set_to_none=True)
             for batch in micro_batches:
-                with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
-                                    enabled=self.autocast_dtype is not None):  # fmt: skip
+                with torch.autocast(
+                    self.device.type,
+                    dtype=self.autocast_dtype or torch.float32,
+                    enabled=self.autocast_dtype is not None,
+                ):
                     losses = self.objective.losses(phase.name, batch)
                 loss = losses["loss"].float() / len(micro_batches)
                 if not torch.isfinite(loss):
@@ -322,8 +331,16 @@ class Trainer:
                 import shutil
 
                 shutil.rmtree(tmp)
-            ckpt.save_main(tmp, step, self.config.to_dict(), self.trainable,
-                           self.ema.shadow if self.ema else None, self.optimizers, self.schedulers, self.scaler)  # fmt: skip
+            ckpt.save_main(
+                tmp,
+                step,
+                self.config.to_dict(),
+                self.trainable,
+                self.ema.shadow if self.ema else None,
+                self.optimizers,
+                self.schedulers,
+                self.scaler,
+            )
         self.accelerator.wait_for_everyone()
         ckpt.save_rank_rng(tmp, self.accelerator.process_index)
         self.accelerator.wait_for_everyone()
@@ -338,8 +355,9 @@ class Trainer:
         return final
 
     def load_checkpoint(self, folder: Path) -> int:
-        step = ckpt.load_main(folder, self.trainable, self.ema.shadow if self.ema else None, self.optimizers,
-                              self.schedulers, self.scaler)  # fmt: skip
+        step = ckpt.load_main(
+            folder, self.trainable, self.ema.shadow if self.ema else None, self.optimizers, self.schedulers, self.scaler
+        )
         if not ckpt.load_rank_rng(folder, self.accelerator.process_index):
             print(f"{folder}: no RNG state for process {self.accelerator.process_index} (process count changed?)")
         return step
@@ -359,8 +377,9 @@ class Trainer:
             if self.ema is not None:
                 self.ema.swap()
             try:
-                metrics = run_validation(self.pipe, c, step, self.output_dir / "validation" / f"step-{step:08d}",
-                                         self.objective.perceptual)  # fmt: skip
+                metrics = run_validation(
+                    self.pipe, c, step, self.output_dir / "validation" / f"step-{step:08d}", self.objective.perceptual
+                )
             finally:
                 if self.ema is not None:
                     self.ema.swap()
@@ -384,7 +403,9 @@ class Trainer:
                 if self.ema is not None:
                     self.ema.swap()
             out["weights"] = Path(weights)
-            options = {"embeddings": self.config.embeddings} if self.config.embeddings and self.method.id != "tsdsr" else {}
+            options = (
+                {"embeddings": self.config.embeddings} if self.config.embeddings and self.method.id != "tsdsr" else {}
+            )
             out["diffusers"] = convert_to_diffusers(self.config.base, weights, final / "diffusers", **options)
             (final / "README.txt").write_text(
                 f"Trained with onestep-sr ({self.config.objective} objective) from {self.config.weights}.\n"
@@ -419,14 +440,16 @@ class Trainer:
                 micro = [self._prepare(next(data)) for _ in range(c.gradient_accumulation_steps)]
                 logged = self.train_step(micro)
                 step += 1
-                logged = {k: float(self.accelerator.reduce(torch.tensor(v, device=self.device), "mean"))
-                          for k, v in logged.items()}  # fmt: skip
+                logged = {
+                    k: float(self.accelerator.reduce(torch.tensor(v, device=self.device), "mean"))
+                    for k, v in logged.items()
+                }
                 bar.update(1)
                 bar.set_postfix({k: f"{v:.4g}" for k, v in logged.items() if not k.endswith("lr")}, refresh=False)
                 if c.log_every and (step % c.log_every == 0 or step == c.max_steps):
                     self.logger.log(step, logged)
                 stop_now = self._any_process(stop.requested) or step == stop_at
-                if c.checkpoint_every and step % c.checkpoint_every == 0 or stop_now:
+                if (c.checkpoint_every and step % c.checkpoint_every == 0) or stop_now:
                     last_checkpoint = self.save_checkpoint(step)
                 if c.val_every and step % c.val_every == 0 and step != c.max_steps:
                     self.validate(step)

@@ -93,7 +93,9 @@ def trainable(pipe: OneStepSRPipeline) -> dict[str, torch.nn.Parameter]:
         if name.startswith("base_layer."):
             params[f"unet.conv_in.{name}"] = p
     if not params:
-        raise ValueError("this OSEDiff pipeline holds no LoRA layers: build it with load_pipeline(..., fuse_lora=False)")
+        raise ValueError(
+            "this OSEDiff pipeline holds no LoRA layers: build it with load_pipeline(..., fuse_lora=False)"
+        )
     return params
 
 
@@ -112,7 +114,7 @@ def write_weights(pipe: OneStepSRPipeline, path: str | os.PathLike) -> Path:
         if ".lora_" not in name:
             unet_sd[name] = value
             continue
-        module, factor = name.split(f".lora_")
+        module, factor = name.split(".lora_")
         factor = factor.split(".")[0]  # "A" or "B"
         if component == "unet":
             adapter = unet_adapter_of(module)

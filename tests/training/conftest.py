@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from perceptual_weights import write_backbone_files
 from PIL import Image
+
+from perceptual_weights import write_backbone_files
 
 
 def write_images(folder: Path, count: int, size: tuple[int, int], seed: int) -> Path:

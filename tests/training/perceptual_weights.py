@@ -10,10 +10,11 @@ from functools import cache
 from pathlib import Path
 
 import torch
-from helpers import parity_dir
 from safetensors.torch import save_file
 
 from onestep_sr.training.losses.backbones import alexnet_features, vgg16_features
+
+from helpers import parity_dir
 
 SEEDS = {"vgg16": 20240601, "alexnet": 20240602}
 

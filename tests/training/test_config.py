@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import pytest
-from training_helpers import OSEDIFF_WEIGHTS, TINY_SD21
 
 from onestep_sr.cli import main
 from onestep_sr.training.config import ConfigError, TrainConfig
+
+from training_helpers import OSEDIFF_WEIGHTS, TINY_SD21
 
 
 def base_values(tmp_path) -> dict:

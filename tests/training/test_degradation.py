@@ -15,11 +15,12 @@ import math
 import numpy as np
 import pytest
 import torch
-from helpers import parity_dir
 from safetensors.torch import load_file
 from scipy import stats
 
 from onestep_sr.training.data import degradation as deg
+
+from helpers import parity_dir
 
 ROOT = parity_dir("train-common") / "degradation"
 INDEX = json.loads((ROOT / "cases.json").read_text())
@@ -37,7 +38,9 @@ def blur_kernel(record: dict) -> deg.BlurKernel:
 
 def noise_choice(record: dict) -> deg.NoiseChoice:
     kind = record["noise_type"]
-    return deg.NoiseChoice(kind, record["sigma"] if kind == "gaussian" else record["poisson_scale"], record["gray_noise"])
+    return deg.NoiseChoice(
+        kind, record["sigma"] if kind == "gaussian" else record["poisson_scale"], record["gray_noise"]
+    )
 
 
 def params_of(choices: dict) -> deg.DegradationParams:
@@ -173,7 +176,9 @@ def test_mistakes_are_caught(mistake):
             worst = max(worst, (deg.filter2d(t["hq"], k) - t["s1_blur_out"]).abs().max().item())
         elif mistake == "zero padding":
             k = p.kernel1.padded()
-            out = torch.nn.functional.conv2d(torch.nn.functional.pad(t["hq"], (10,) * 4), k.expand(3, 1, 21, 21), groups=3)
+            out = torch.nn.functional.conv2d(
+                torch.nn.functional.pad(t["hq"], (10,) * 4), k.expand(3, 1, 21, 21), groups=3
+            )
             worst = max(worst, (out - t["s1_blur_out"]).abs().max().item())
         elif mistake == "jpeg quality rounded":
             out = deg.diff_jpeg(t["s1_noise_out"].clamp(0, 1), round(p.s1_jpeg_quality))
@@ -186,7 +191,9 @@ def test_mistakes_are_caught(mistake):
         elif mistake == "sigma / 256" and p.s1_noise.kind == "gaussian":
             draws = noise_draws(t, "s1_noise")
             noise = deg.gaussian_noise(t["s1_resize_out"], p.s1_noise.level, draws.randn_color, draws.randn_gray)
-            worst = max(worst, (deg.add_noise(t["s1_resize_out"], noise * 255 / 256) - t["s1_noise_out"]).abs().max().item())
+            worst = max(
+                worst, (deg.add_noise(t["s1_resize_out"], noise * 255 / 256) - t["s1_noise_out"]).abs().max().item()
+            )
     assert worst > 1e-5, f"{mistake} went unnoticed (max deviation {worst:.3g})"
 
 
@@ -236,7 +243,9 @@ def our_draws() -> dict[str, list]:
 
 def _kind(values: list) -> str:
     present = [v for v in values if v is not None]
-    if all(isinstance(v, (bool, str)) for v in present) or all(isinstance(v, int) and not isinstance(v, bool) for v in present):
+    if all(isinstance(v, (bool, str)) for v in present) or all(
+        isinstance(v, int) and not isinstance(v, bool) for v in present
+    ):
         return "categorical"
     return "continuous"
 
@@ -263,7 +272,9 @@ def test_sampler_distributions_match_the_official_draws(field, our_draws):
         assert p > 1e-3, f"{field}: KS p = {p:.2g}"
         return
     labels = sorted({str(v) for v in ref_v} | {str(v) for v in our_v})
-    counts = np.array([[sum(str(v) == lab for v in ref_v) for lab in labels], [sum(str(v) == lab for v in our_v) for lab in labels]])
+    counts = np.array(
+        [[sum(str(v) == lab for v in ref_v) for lab in labels], [sum(str(v) == lab for v in our_v) for lab in labels]]
+    )
     if counts.shape[1] > 1:
         p = stats.chi2_contingency(counts)[1]
         assert p > 1e-3, f"{field}: chi-square p = {p:.2g} ({labels}: {counts.tolist()})"
@@ -271,7 +282,9 @@ def test_sampler_distributions_match_the_official_draws(field, our_draws):
 
 def test_sampler_test_can_fail(our_draws):
     """A sampler with kernel probabilities in the wrong order must fail the chi-square test above."""
-    wrong = deg.DegradationSampler(deg.DegradationConfig(first=deg.StageConfig(kernel_prob=(0.03, 0.25, 0.12, 0.45, 0.12, 0.03))))
+    wrong = deg.DegradationSampler(
+        deg.DegradationConfig(first=deg.StageConfig(kernel_prob=(0.03, 0.25, 0.12, 0.45, 0.12, 0.03)))
+    )
     g = torch.Generator().manual_seed(5)
     kinds = [wrong.sample(g).kernel1.kind for _ in range(N_OURS)]
     labels = sorted(set(DRAWS["kernel1.type"]))

@@ -7,13 +7,14 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import parity_dir
-from perceptual_weights import canonical_sha256, expected_sha256, seeded_backbone
 from safetensors.torch import load_file
 
 from onestep_sr.pipelines.loading.files import CheckpointError
 from onestep_sr.training.losses import perceptual as P
 from onestep_sr.training.losses.backbones import find_backbone_file, load_backbone
+
+from helpers import parity_dir
+from perceptual_weights import canonical_sha256, expected_sha256, seeded_backbone
 
 ROOT = parity_dir("train-common") / "perceptual"
 PAIRS = sorted(p.stem for p in ROOT.glob("*.safetensors"))
@@ -102,10 +103,16 @@ SENSITIVITY = {
     "LPIPS without unit normalisation": lambda n, t: _lpips_unnormalised(n["vgg"], t) - t["lpips_vgg"],
     "DISTS without ImageNet normalisation": lambda n, t: _dists_unnormalised(n["dists"], t) - t["dists"],
     "DISTS raw-image term dropped": lambda n, t: (1 - n["dists"].terms(t["x"], t["y"])[:, 1:].sum((1, 2))) - t["dists"],
-    "EA-DISTS Sobel on gray": lambda n, t: n["dists"](t["x"], t["y"]) + n["dists"](_sobel_gray(t["x"]), _sobel_gray(t["y"])) - t["eadists"],
-    "EA-DISTS zero padding": lambda n, t: n["dists"](t["x"], t["y"]) + n["dists"](_sobel_zero(t["x"]), _sobel_zero(t["y"])) - t["eadists"],
+    "EA-DISTS Sobel on gray": lambda n, t: (
+        n["dists"](t["x"], t["y"]) + n["dists"](_sobel_gray(t["x"]), _sobel_gray(t["y"])) - t["eadists"]
+    ),
+    "EA-DISTS zero padding": lambda n, t: (
+        n["dists"](t["x"], t["y"]) + n["dists"](_sobel_zero(t["x"]), _sobel_zero(t["y"])) - t["eadists"]
+    ),
     "EA-DISTS edge term omitted": lambda n, t: n["dists"](t["x"], t["y"]) - t["eadists"],
-    "EA-DISTS Sobel on [-1,1]": lambda n, t: n["dists"](t["x"], t["y"]) + n["dists"](P.sobel(2 * t["x"] - 1), P.sobel(2 * t["y"] - 1)) - t["eadists"],
+    "EA-DISTS Sobel on [-1,1]": lambda n, t: (
+        n["dists"](t["x"], t["y"]) + n["dists"](P.sobel(2 * t["x"] - 1), P.sobel(2 * t["y"] - 1)) - t["eadists"]
+    ),
 }
 
 

@@ -15,6 +15,11 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
+
+from onestep_sr import load_converted, load_pipeline
+from onestep_sr.training.config import TrainConfig
+from onestep_sr.training.loop import Trainer, lr_factor, train
+
 from training_helpers import (
     OSEDIFF_WEIGHTS,
     TADSR_WEIGHTS,
@@ -25,19 +30,22 @@ from training_helpers import (
     TSDSR_WEIGHTS,
 )
 
-from onestep_sr import load_converted, load_pipeline
-from onestep_sr.training.config import TrainConfig
-from onestep_sr.training.loop import Trainer, lr_factor, train
-
 REPO = Path(__file__).resolve().parents[2]
 
 
 def osediff_config(tmp_path, train_images, backbones, **overrides) -> TrainConfig:
     values = dict(
-        base=str(TINY_SD21), weights=str(OSEDIFF_WEIGHTS), train_data=str(train_images), crop_size=64,
-        perceptual_weights=str(backbones), output_dir=str(tmp_path / "run"), learning_rate=1e-3, log_every=1,
-        checkpoint_every=0, export=False,
-    )  # fmt: skip
+        base=str(TINY_SD21),
+        weights=str(OSEDIFF_WEIGHTS),
+        train_data=str(train_images),
+        crop_size=64,
+        perceptual_weights=str(backbones),
+        output_dir=str(tmp_path / "run"),
+        learning_rate=1e-3,
+        log_every=1,
+        checkpoint_every=0,
+        export=False,
+    )
     values.update(overrides)
     return TrainConfig.from_dict(values)
 
@@ -67,8 +75,15 @@ def test_overfits_one_batch(tmp_path, train_images, backbones):
 def test_resume_is_exact(tmp_path, train_images, backbones):
     """6 steps == 3 steps + checkpoint + resume + 3 steps, with warm-up + cosine LR, EMA, accumulation, clipping
     and on-the-fly degradation (every draw depends on the sample position, the rest is in the checkpoint)."""
-    common = dict(ema_decay=0.9, lr_schedule="cosine", lr_warmup_steps=2, gradient_accumulation_steps=2,
-                  max_grad_norm=0.5, checkpoint_every=0, max_steps=6)  # fmt: skip
+    common = dict(
+        ema_decay=0.9,
+        lr_schedule="cosine",
+        lr_warmup_steps=2,
+        gradient_accumulation_steps=2,
+        max_grad_norm=0.5,
+        checkpoint_every=0,
+        max_steps=6,
+    )
     straight = train(osediff_config(tmp_path / "a", train_images, backbones, **common))
     first = Trainer(osediff_config(tmp_path / "b", train_images, backbones, **common)).run(stop_at=3)
     assert first.interrupted and first.step == 3 and first.last_checkpoint.name == "step-00000003"
@@ -99,8 +114,11 @@ def test_lr_schedules():
 
 
 def test_checkpoints_are_safetensors_and_json_and_pruned(tmp_path, train_images, backbones):
-    result = train(osediff_config(tmp_path, train_images, backbones, max_steps=4, checkpoint_every=1,
-                                  keep_checkpoints=2, perceptual="none"))  # fmt: skip
+    result = train(
+        osediff_config(
+            tmp_path, train_images, backbones, max_steps=4, checkpoint_every=1, keep_checkpoints=2, perceptual="none"
+        )
+    )
     kept = sorted(p.name for p in (result.output_dir / "checkpoints").iterdir())
     assert kept == ["step-00000003", "step-00000004"]
     suffixes = {p.suffix for p in result.last_checkpoint.iterdir()}
@@ -111,8 +129,14 @@ def test_checkpoints_are_safetensors_and_json_and_pruned(tmp_path, train_images,
 
 def run_cli(args: list[str], launcher: list[str], cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    return subprocess.run([*launcher, "-m", "onestep_sr", "train", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=timeout)  # fmt: skip
+    return subprocess.run(
+        [*launcher, "-m", "onestep_sr", "train", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def write_config(path: Path, config: dict) -> Path:
@@ -129,18 +153,41 @@ def test_two_processes_equal_one(tmp_path, train_images, backbones):
     - as 1 process x batch 2: the first step's loss (same weights, only the batching differs) agrees to 1e-6
       relative, later ones to 1e-3: batched convolutions sum in another order, and Adam turns that float noise in
       near-zero gradients into +-lr steps (measured 7e-5 relative by step 3), so weights are not compared there."""
-    base = dict(base=str(TINY_SD21), weights=str(OSEDIFF_WEIGHTS), train_data=str(train_images), crop_size=64,
-                perceptual_weights=str(backbones), learning_rate=1e-3, max_steps=3, export=False, device="cpu",
-                log_every=1)  # fmt: skip
+    base = dict(
+        base=str(TINY_SD21),
+        weights=str(OSEDIFF_WEIGHTS),
+        train_data=str(train_images),
+        crop_size=64,
+        perceptual_weights=str(backbones),
+        learning_rate=1e-3,
+        max_steps=3,
+        export=False,
+        device="cpu",
+        log_every=1,
+    )
     cfg = write_config(tmp_path / "c.yaml", base)
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]  # fmt: skip
+    launch = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+    ]
     runs = {
         "two": ([f"output_dir={tmp_path / 'two'}", "batch_size=1"], launch),
-        "accumulated": ([f"output_dir={tmp_path / 'accumulated'}", "batch_size=1", "gradient_accumulation_steps=2"],
-                        [sys.executable]),
+        "accumulated": (
+            [f"output_dir={tmp_path / 'accumulated'}", "batch_size=1", "gradient_accumulation_steps=2"],
+            [sys.executable],
+        ),
         "batched": ([f"output_dir={tmp_path / 'batched'}", "batch_size=2"], [sys.executable]),
-    }  # fmt: skip
+    }
     for name, (args, launcher) in runs.items():
         done = run_cli([str(cfg), *args], launcher, tmp_path)
         assert done.returncode == 0, f"{name}: {done.stderr[-3000:]}"
@@ -160,12 +207,29 @@ def test_two_processes_equal_one(tmp_path, train_images, backbones):
 
 @pytest.mark.slow
 def test_ctrl_c_saves_a_checkpoint_and_resume_continues(tmp_path, train_images, backbones):
-    cfg = write_config(tmp_path / "c.yaml", dict(
-        base=str(TINY_SD21), weights=str(OSEDIFF_WEIGHTS), train_data=str(train_images), crop_size=64,
-        perceptual="none", max_steps=100000, export=False, output_dir=str(tmp_path / "run"), log_every=1))  # fmt: skip
+    cfg = write_config(
+        tmp_path / "c.yaml",
+        dict(
+            base=str(TINY_SD21),
+            weights=str(OSEDIFF_WEIGHTS),
+            train_data=str(train_images),
+            crop_size=64,
+            perceptual="none",
+            max_steps=100000,
+            export=False,
+            output_dir=str(tmp_path / "run"),
+            log_every=1,
+        ),
+    )
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "onestep_sr", "train", str(cfg)], cwd=tmp_path, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "onestep_sr", "train", str(cfg)],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     log = tmp_path / "run" / "logs" / "train.jsonl"
     deadline = time.time() + 120
     while time.time() < deadline and not (log.is_file() and len(log.read_text().splitlines()) >= 2):
@@ -183,8 +247,17 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_continues(tmp_path, train_images, 
 
 
 def test_validation_metrics_and_samples(tmp_path, train_images, backbones, val_folder):
-    result = train(osediff_config(tmp_path, train_images, backbones, max_steps=1, val_data=str(val_folder),
-                                  val_samples=1, perceptual="lpips-vgg"))  # fmt: skip
+    result = train(
+        osediff_config(
+            tmp_path,
+            train_images,
+            backbones,
+            max_steps=1,
+            val_data=str(val_folder),
+            val_samples=1,
+            perceptual="lpips-vgg",
+        )
+    )
     lines = [json.loads(x) for x in (result.output_dir / "logs" / "train.jsonl").read_text().splitlines()]
     val = [x for x in lines if x["kind"] == "validation"]
     assert len(val) == 1 and {"psnr_y", "ssim_y", "lpips-vgg"} <= val[0].keys()
@@ -194,8 +267,15 @@ def test_validation_metrics_and_samples(tmp_path, train_images, backbones, val_f
 
 
 def test_missing_perceptual_weights_is_a_clear_error(tmp_path, train_images):
-    config = TrainConfig.from_dict(dict(base=str(TINY_SD21), weights=str(OSEDIFF_WEIGHTS),
-                                        train_data=str(train_images), crop_size=64, output_dir=str(tmp_path)))  # fmt: skip
+    config = TrainConfig.from_dict(
+        dict(
+            base=str(TINY_SD21),
+            weights=str(OSEDIFF_WEIGHTS),
+            train_data=str(train_images),
+            crop_size=64,
+            output_dir=str(tmp_path),
+        )
+    )
     with pytest.raises(FileNotFoundError, match=r"vgg16-397923af\.pth .*perceptual_weights"):
         Trainer(config)
 
@@ -213,10 +293,21 @@ def test_export_loads_and_reproduces_the_trained_model(tmp_path, train_images, b
     load_converted: both give identical images (1e-6), equal to the trained pipeline's own within the LoRA
     fusion's float error (1e-4; the ResShift family trains full weights: 1e-6), and differ from the start."""
     paths = {k: str(v) for k, v in FAMILIES[family].items()}
-    config = TrainConfig.from_dict(dict(paths, train_data=str(train_images), crop_size=64, perceptual="dists",
-                                        perceptual_weights=str(backbones), output_dir=str(tmp_path / "run"),
-                                        max_steps=2, learning_rate=1e-3, export=True, mixed_precision="bf16",
-                                        gradient_checkpointing=True))  # fmt: skip
+    config = TrainConfig.from_dict(
+        dict(
+            paths,
+            train_data=str(train_images),
+            crop_size=64,
+            perceptual="dists",
+            perceptual_weights=str(backbones),
+            output_dir=str(tmp_path / "run"),
+            max_steps=2,
+            learning_rate=1e-3,
+            export=True,
+            mixed_precision="bf16",
+            gradient_checkpointing=True,
+        )
+    )
     trainer = Trainer(config)
     result = trainer.run()
     x = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(3))

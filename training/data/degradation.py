@@ -149,7 +149,9 @@ def _grid(size: int) -> tuple[torch.Tensor, torch.Tensor]:
     return xx, yy
 
 
-def mixed_kernel(kind: str, size: int, sigma_x: float, sigma_y: float, theta: float, beta: float | None) -> torch.Tensor:
+def mixed_kernel(
+    kind: str, size: int, sigma_x: float, sigma_y: float, theta: float, beta: float | None
+) -> torch.Tensor:
     """Gaussian, generalized Gaussian exp(-q^beta / 2) or plateau 1 / (q^beta + 1), where q = p^T Sigma^-1 p with
     Sigma = R diag(sx^2, sy^2) R^T (isotropic: sx^2 I); float64, normalised to sum 1."""
     if kind not in KERNEL_TYPES:
@@ -444,7 +446,9 @@ class NoiseDraws:
 def _noise_stage(x, choice: NoiseChoice, generator, draws: NoiseDraws | None) -> torch.Tensor:
     if choice.kind == "gaussian":
         if draws is None:
-            gray = torch.randn(x.shape[-2:], generator=generator, device=_gen_device(generator)) if choice.gray else None
+            gray = (
+                torch.randn(x.shape[-2:], generator=generator, device=_gen_device(generator)) if choice.gray else None
+            )
             color = torch.randn(x.shape, generator=generator, device=_gen_device(generator))
             draws = NoiseDraws(randn_color=color, randn_gray=gray)
         return add_noise(x, gaussian_noise(x, choice.level, draws.randn_color, draws.randn_gray))

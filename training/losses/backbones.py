@@ -43,12 +43,20 @@ def vgg16_features() -> nn.Sequential:
 
 def alexnet_features() -> nn.Sequential:
     return nn.Sequential(
-        nn.Conv2d(3, 64, 11, stride=4, padding=2), nn.ReLU(), nn.MaxPool2d(3, 2),
-        nn.Conv2d(64, 192, 5, padding=2), nn.ReLU(), nn.MaxPool2d(3, 2),
-        nn.Conv2d(192, 384, 3, padding=1), nn.ReLU(),
-        nn.Conv2d(384, 256, 3, padding=1), nn.ReLU(),
-        nn.Conv2d(256, 256, 3, padding=1), nn.ReLU(), nn.MaxPool2d(3, 2),
-    )  # fmt: skip
+        nn.Conv2d(3, 64, 11, stride=4, padding=2),
+        nn.ReLU(),
+        nn.MaxPool2d(3, 2),
+        nn.Conv2d(64, 192, 5, padding=2),
+        nn.ReLU(),
+        nn.MaxPool2d(3, 2),
+        nn.Conv2d(192, 384, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(384, 256, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(256, 256, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(3, 2),
+    )
 
 
 def find_backbone_file(arch: str, path: str | os.PathLike | None, search: list[Path] | None = None) -> Path:
@@ -79,8 +87,10 @@ def load_backbone(arch: str, source: str | os.PathLike | dict[str, torch.Tensor]
     expected = {f"features.{k}" for k in net.state_dict()}
     missing = sorted(expected - state.keys())
     if missing:
-        raise CheckpointError(f"{source if not isinstance(source, dict) else 'weights'}: not {arch} ImageNet "
-                              f"weights in torchvision's layout (missing {missing[:3]})")  # fmt: skip
+        raise CheckpointError(
+            f"{source if not isinstance(source, dict) else 'weights'}: not {arch} ImageNet "
+            f"weights in torchvision's layout (missing {missing[:3]})"
+        )
     try:
         net.load_state_dict({k[len("features.") :]: state[k].float() for k in expected})
     except RuntimeError as err:

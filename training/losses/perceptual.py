@@ -46,7 +46,9 @@ class LPIPS(nn.Module):
         self.net = net
         self.stages = _slices(load_backbone(LPIPS_ARCH[net], backbone), LPIPS_TAPS[net])
         head = load_file(HEADS / f"lpips_{net}_head.safetensors")
-        self.heads = nn.ParameterList(nn.Parameter(head[f"lin{i}.model.1.weight"], requires_grad=False) for i in range(5))
+        self.heads = nn.ParameterList(
+            nn.Parameter(head[f"lin{i}.model.1.weight"], requires_grad=False) for i in range(5)
+        )
         self.register_buffer("shift", torch.tensor(LPIPS_SHIFT).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("scale", torch.tensor(LPIPS_SCALE).view(1, 3, 1, 1), persistent=False)
         self.requires_grad_(False).eval()
@@ -98,7 +100,10 @@ class DISTS(nn.Module):
         layers = list(load_backbone("vgg16", backbone))
         self.stages = nn.ModuleList(
             [nn.Sequential(*layers[0:4])]
-            + [nn.Sequential(L2Pool(c), *layers[a:b]) for c, a, b in ((64, 5, 9), (128, 10, 16), (256, 17, 23), (512, 24, 30))]
+            + [
+                nn.Sequential(L2Pool(c), *layers[a:b])
+                for c, a, b in ((64, 5, 9), (128, 10, 16), (256, 17, 23), (512, 24, 30))
+            ]
         )
         head = load_file(HEADS / "dists_head.safetensors")
         self.alpha = nn.Parameter(head["alpha"], requires_grad=False)
