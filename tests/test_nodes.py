@@ -219,20 +219,20 @@ def test_a_failed_run_keeps_no_tensors_alive(nodes, osediff_node_pipe, state):
 
     kwargs = upscale_inputs(sr_model=osediff_node_pipe)
     alive = []
-    original = osediff_node_pipe.pipe.decode
+    original = osediff_node_pipe.pipe._vae_decode  # the VAE decode of the tiled and the one-step path alike
 
     def failing_decode(latents, *args, **kw):
         big = torch.ones(256, 256)
         alive.append(weakref.ref(big))
         raise RuntimeError("decode failed")
 
-    osediff_node_pipe.pipe.decode = failing_decode
+    osediff_node_pipe.pipe._vae_decode = failing_decode
     try:
         with pytest.raises(RuntimeError, match="decode failed") as caught:
             nodes["OneStepSRUpscale"].run(image=image_batch(1, 8, 8), **kwargs)
     finally:
-        del osediff_node_pipe.pipe.decode
-    assert osediff_node_pipe.pipe.decode == original
+        del osediff_node_pipe.pipe._vae_decode
+    assert osediff_node_pipe.pipe._vae_decode == original
     gc.collect()
     assert alive and all(r() is None for r in alive)
     del caught

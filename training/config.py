@@ -91,7 +91,7 @@ class TrainConfig:
         return cls.from_dict(values)
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+    def from_dict(cls, values: dict[str, Any], check_paths: bool = True) -> TrainConfig:
         fields = {f.name: f for f in dataclasses.fields(cls)}
         unknown = [k for k in values if k not in fields]
         if unknown:
@@ -103,17 +103,20 @@ class TrainConfig:
         hints = typing.get_type_hints(cls)
         converted = {k: coerce(k, v, hints[k]) for k, v in values.items()}
         config = cls(**converted)
-        config.validate()
+        config.validate(check_paths)
         return config
 
-    def validate(self) -> None:
+    def validate(self, check_paths: bool = True) -> None:
+        """Every value in range (and, with `check_paths`, every path existing): a ConfigError naming the key."""
+
         def need(ok: bool, key: str, expected: str) -> None:
             if not ok:
                 raise ConfigError(f"{key} = {getattr(self, key)!r}: expected {expected}")
 
-        need(bool(self.base), "base", "the base model path (required)")
-        need(bool(self.weights), "weights", "the method's weights to start from (required)")
-        need(bool(self.train_data), "train_data", "a folder of training images (required)")
+        if check_paths:
+            need(bool(self.base), "base", "the base model path (required)")
+            need(bool(self.weights), "weights", "the method's weights to start from (required)")
+            need(bool(self.train_data), "train_data", "a folder of training images (required)")
         from .objectives import objective_names
 
         need(self.objective in objective_names(), "objective", f"one of {objective_names()}")
@@ -144,6 +147,8 @@ class TrainConfig:
         need(self.max_grad_norm >= 0, "max_grad_norm", ">= 0 (0 disables clipping)")
         need(0 <= self.ema_decay < 1, "ema_decay", "in [0, 1) (0 disables EMA)")
         need(self.mse_weight >= 0 and self.perceptual_weight >= 0, "mse_weight", "loss weights >= 0")
+        if not check_paths:
+            return
         need(
             self.resume is None or self.resume == "latest" or Path(self.resume).is_dir(),
             "resume",

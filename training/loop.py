@@ -168,7 +168,9 @@ class Logger:
 class Trainer:
     """One run: builds everything from the config, then `run()`."""
 
-    def __init__(self, config: TrainConfig):
+    def __init__(self, config: TrainConfig, pipe=None):
+        """`pipe`: a pipeline built in Python to train instead of `load_pipeline(config.base, config.weights)`
+        (LoRA unfused, fp32; e.g. the benchmark's full-size random-weight model)."""
         try:
             from accelerate import Accelerator
         except ImportError as err:
@@ -182,14 +184,14 @@ class Trainer:
         self.output_dir = Path(config.output_dir)
         self.is_main = self.accelerator.is_main_process
         torch.manual_seed(config.seed)
-        self._build_model()
+        self._build_model(pipe)
         self._build_optimizers()
         self._build_data()
         self.logger = Logger(self.output_dir / "logs", self.is_main)
 
     # ------------------------------------------------------------------ building
 
-    def _build_model(self) -> None:
+    def _build_model(self, pipe=None) -> None:
         from ..pipelines.methods import load_pipeline
         from .objectives import get_objective
         from .objectives.regression import build_perceptual
@@ -197,9 +199,10 @@ class Trainer:
         c = self.config
         objective_cls = get_objective(c.objective)
         options = {"embeddings": c.embeddings} if c.embeddings else {}
-        pipe = load_pipeline(
-            c.base, c.weights, dtype="fp32", device=self.device, fuse_lora=False, method=c.method, **options
-        )
+        if pipe is None:
+            pipe = load_pipeline(
+                c.base, c.weights, dtype="fp32", device=self.device, fuse_lora=False, method=c.method, **options
+            )
         pipe.set_progress_bar_config(disable=True)
         for module in pipe.components.values():
             if isinstance(module, torch.nn.Module):

@@ -1,0 +1,154 @@
+"""One training step of the generic objective on FULL-SIZE SD2.1-base architectures with random weights.
+
+Not part of the test suite. One command:
+
+    python tests/benchmarks/benchmark_training.py          # table on stdout, JSON in bench_out/training.json
+
+The generator is OSEDiff's (SD2.1-base UNet + VAE, LoRA rank 4 on the official targets, conv_in trained in full),
+trained by the `regression` objective (MSE + LPIPS-vgg on a full-size random VGG16) on one 256 px crop, batch 1,
+through the real `Trainer.train_step` (forward, backward, clipping, AdamW). Rows: fp32 and bf16 autocast (the
+default precision on a CPU with bf16 support), each with gradient checkpointing off and on. Each row runs in its
+own subprocess, so its peak resident memory (VmHWM) is its own; seconds per step are the median of `--steps`
+steps after one warm-up step. Weights are random: compute and memory are those of the real models.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROWS = [("fp32", False), ("fp32", True), ("bf16", False), ("bf16", True)]
+
+
+def peak_rss_gib() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**20
+    return float("nan")
+
+
+def build_pipeline():
+    import torch
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+
+    from onestep_sr import OneStepSRPipeline
+    from onestep_sr.pipelines.demo_models import osediff_lora_targets
+    from onestep_sr.pipelines.loading import SD21_BASE_CONFIG
+    from onestep_sr.pipelines.loading.lora import LoRAWeights, apply_lora
+    from onestep_sr.pipelines.models.prompt_embedding import PromptEmbedding
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(SD21_BASE_CONFIG / "unet"))
+    vae = AutoencoderKL.from_config(AutoencoderKL.load_config(SD21_BASE_CONFIG / "vae"))
+    scheduler = DDPMScheduler.from_pretrained(SD21_BASE_CONFIG, subfolder="scheduler")
+    unet_targets, vae_targets = osediff_lora_targets(unet, vae)
+
+    def factors(model, names, rank=4):
+        modules = dict(model.named_modules())
+        out = {}
+        for name in dict.fromkeys(names):
+            w = modules[name].weight
+            a = (rank, *w.shape[1:])
+            b = (w.shape[0], rank) if w.ndim == 2 else (w.shape[0], rank, 1, 1)
+            out[name] = (torch.randn(a) * 0.01, torch.zeros(b))
+        return LoRAWeights(out, 8 / rank)
+
+    apply_lora(unet, factors(unet, sum(unet_targets.values(), [])), fuse=False, adapter_name="osediff", source="bench")
+    apply_lora(vae, factors(vae, vae_targets), fuse=False, adapter_name="osediff", source="bench")
+    embedding = PromptEmbedding(77, unet.config.cross_attention_dim)
+    pipe = OneStepSRPipeline(vae=vae, unet=unet, scheduler=scheduler, prompt_embedding=embedding, method="osediff")
+    pipe.set_progress_bar_config(disable=True)
+    for module in (unet, vae):
+        module.eval()
+    return pipe
+
+
+def run_row(precision: str, checkpointing: bool, steps: int) -> dict:
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from onestep_sr.training.config import TrainConfig
+    from onestep_sr.training.loop import Trainer
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    tmp = Path(tempfile.mkdtemp())
+    (tmp / "hq").mkdir()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (256, 256, 3), dtype=np.uint8)).save(tmp / "hq" / "x.png")
+    from onestep_sr.training.losses.backbones import vgg16_features
+
+    vgg = {f"features.{k}": v for k, v in vgg16_features().state_dict().items()}
+    torch.save(vgg, tmp / "vgg16-397923af.pth")
+    config = TrainConfig.from_dict(
+        dict(train_data=str(tmp / "hq"), crop_size=256, perceptual_weights=str(tmp), output_dir=str(tmp / "out"),
+             mixed_precision="bf16" if precision == "bf16" else "no", gradient_checkpointing=checkpointing,
+             device="cpu"),
+        check_paths=False,
+    )  # fmt: skip
+    t0 = time.perf_counter()
+    trainer = Trainer(config, pipe=build_pipeline())
+    build_s = time.perf_counter() - t0
+    rss_model = peak_rss_gib()
+    batch = {"hq": torch.rand(1, 3, 256, 256), "lq": torch.rand(1, 3, 256, 256), "seed": [0]}
+    times = []
+    for i in range(steps + 1):
+        t = time.perf_counter()
+        trainer.train_step([batch])
+        if i:
+            times.append(time.perf_counter() - t)
+    trainable = sum(p.numel() for p in trainer.trainable.values())
+    return {
+        "precision": precision,
+        "checkpointing": checkpointing,
+        "s_per_step": statistics.median(times),
+        "peak_rss_gib": peak_rss_gib(),
+        "model_rss_gib": rss_model,
+        "build_s": build_s,
+        "trainable_params": trainable,
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=2, help="timed steps per row (after one warm-up step)")
+    parser.add_argument("--out", type=Path, default=Path("bench_out"))
+    parser.add_argument("--_row", nargs=3, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args._row:
+        precision, checkpointing, steps = args._row
+        print(json.dumps(run_row(precision, checkpointing == "1", int(steps))))
+        return 0
+    rows = []
+    for precision, checkpointing in ROWS:
+        cmd = [sys.executable, __file__, "--_row", precision, str(int(checkpointing)), str(args.steps)]
+        done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        if done.returncode != 0:
+            print(done.stderr[-2000:], file=sys.stderr)
+            return 1
+        rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        r = rows[-1]
+        print(f"{precision:5s} ckpt={'on ' if checkpointing else 'off'}  {r['s_per_step']:7.2f} s/step  "
+              f"peak {r['peak_rss_gib']:5.2f} GiB  (model {r['model_rss_gib']:.2f} GiB)", flush=True)  # fmt: skip
+    args.out.mkdir(exist_ok=True)
+    info = {"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(), "rows": rows}
+    (args.out / "training.json").write_text(json.dumps(info, indent=1))
+    base = rows[0]["s_per_step"]
+    print("\n| precision | gradient checkpointing | s / step | vs fp32 | peak RSS (GiB) |")
+    print("| --- | --- | --- | --- | --- |")
+    for r in rows:
+        print(f"| {r['precision']} | {'on' if r['checkpointing'] else 'off'} | {r['s_per_step']:.2f} | "
+              f"{base / r['s_per_step']:.2f}x | {r['peak_rss_gib']:.2f} |")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
