@@ -62,7 +62,13 @@ def build_pipeline():
             out[name] = (torch.randn(a) * 0.01, torch.zeros(b))
         return LoRAWeights(out, 8 / rank)
 
-    apply_lora(unet, factors(unet, sum(unet_targets.values(), [])), fuse=False, adapter_name="osediff", source="bench")
+    apply_lora(
+        unet,
+        factors(unet, [m for names in unet_targets.values() for m in names]),
+        fuse=False,
+        adapter_name="osediff",
+        source="bench",
+    )
     apply_lora(vae, factors(vae, vae_targets), fuse=False, adapter_name="osediff", source="bench")
     embedding = PromptEmbedding(77, unet.config.cross_attention_dim)
     pipe = OneStepSRPipeline(vae=vae, unet=unet, scheduler=scheduler, prompt_embedding=embedding, method="osediff")
