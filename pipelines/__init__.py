@@ -22,7 +22,7 @@ from .methods import (
 )
 from .methods.dape import convert_tagger, load_tagger
 from .models import PromptEmbedding, RAMTagger, ResShiftUNet
-from .pipeline_base import Conditioning, OneStepSRBase
+from .pipeline_base import Conditioning, OneStepResult, OneStepSRBase, PromptConditionedSRBase
 from .pipeline_onestep_sr import OneStepSRPipeline
 from .pipeline_onestep_sr_resshift import OneStepSRResShiftPipeline
 from .pipeline_onestep_sr_sd3 import OneStepSRSD3Pipeline
@@ -32,10 +32,12 @@ __all__ = [
     "Conditioning",
     "ImageInputError",
     "Method",
+    "OneStepResult",
     "OneStepSRBase",
     "OneStepSRPipeline",
     "OneStepSRResShiftPipeline",
     "OneStepSRSD3Pipeline",
+    "PromptConditionedSRBase",
     "PromptEmbedding",
     "RAMTagger",
     "ResShiftUNet",

@@ -115,17 +115,14 @@ def osediff_lora_targets(unet, vae) -> tuple[dict[str, list[str]], list[str]]:
         "ff.net.2",
         "ff.net.0.proj",
     )
-    unet_targets: dict[str, list[str]] = {"default_encoder": [], "default_decoder": [], "default_others": []}
+    from .methods.osediff import UNET_ADAPTERS, unet_adapter_of
+
+    unet_targets: dict[str, list[str]] = {adapter: [] for adapter in UNET_ADAPTERS}
     for name, _ in unet.named_parameters():
         if "bias" in name or "norm" in name or not any(p in name for p in patterns):
             continue
         module = name[: -len(".weight")]
-        if "down_blocks" in name or "conv_in" in name:
-            unet_targets["default_encoder"].append(module)
-        elif "up_blocks" in name or "conv_out" in name:
-            unet_targets["default_decoder"].append(module)
-        else:
-            unet_targets["default_others"].append(module)
+        unet_targets[unet_adapter_of(module)].append(module)
     vae_targets = [
         name[: -len(".weight")]
         for name, _ in vae.named_parameters()
@@ -167,20 +164,9 @@ def make_osediff_checkpoint(
     state_vae = {}
     for name in dict.fromkeys(vae_targets):
         state_vae.update(factors(vae_modules[name], "default_encoder", name))
-    checkpoint = {
-        "vae_lora_encoder_modules": vae_targets,
-        "unet_lora_encoder_modules": unet_targets["default_encoder"],
-        "unet_lora_decoder_modules": unet_targets["default_decoder"],
-        "unet_lora_others_modules": unet_targets["default_others"],
-        "rank_unet": rank,
-        "rank_vae": rank,
-        "state_dict_unet": state_unet,
-        "state_dict_vae": state_vae,
-    }
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(checkpoint, path)
-    return path
+    from .methods.osediff import save_osediff_checkpoint
+
+    return save_osediff_checkpoint(path, state_unet, state_vae, unet_targets, vae_targets, rank, rank)
 
 
 def build_demo_model(folder: str | os.PathLike) -> tuple[Path, Path]:

@@ -398,17 +398,9 @@ class OneStepSRBase(DiffusionPipeline, abc.ABC):
     def check_conditioning(
         self, prompts: list[str], prompt_embeds: torch.Tensor | None, pooled_prompt_embeds: torch.Tensor | None
     ) -> None:
-        """Prompts need text encoders unless embeddings are given (or the prompt is empty and a fixed one exists)."""
-        if prompt_embeds is not None or pooled_prompt_embeds is not None or self.has_text_encoders:
-            return
-        if self.prompt_embedding is None:
-            raise ValueError("this pipeline has no text encoder and no prompt embedding; pass prompt_embeds=")
-        custom = next((p for p in prompts if p), None)
-        if custom is not None:
-            raise ValueError(
-                f"this pipeline has no text encoder, so a custom prompt ({custom!r}) cannot be used; "
-                "leave prompt empty to use the model's own prompt embedding"
-            )
+        """Default: the denoiser takes no prompt (pipelines conditioned on text override this)."""
+        if prompt_embeds is not None or pooled_prompt_embeds is not None or any(prompts):
+            raise ValueError(f"{self.display_name} takes no prompt (its denoiser is conditioned on the LR image only)")
 
     def plan_tiling(
         self,
@@ -539,6 +531,7 @@ class OneStepSRBase(DiffusionPipeline, abc.ABC):
             latents = latents + posterior.std * noise.to(latents.device, latents.dtype)
         return self.to_model_latents(latents)
 
+    @abc.abstractmethod
     def denoise(
         self,
         latents: torch.Tensor,
@@ -547,10 +540,8 @@ class OneStepSRBase(DiffusionPipeline, abc.ABC):
         on_tile: Callable[[int], None] | None = None,
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
-        """One denoiser evaluation (tile by tile, outputs blended), then x0 in closed form once."""
-        plan = plan or TilingPlan.untiled(tuple(latents.shape[-2:]))
-        model_output = self.run_denoiser(partial(self.model_output, cond=cond), latents, plan, on_tile)
-        return self.predict_clean_latent(model_output, latents.float())
+        """The start latent -> the clean latent: the method's sampler (one step, or its own steps), tile by tile
+        with `run_denoiser` and `plan` (untiled when None), calling `on_tile` after each tile."""
 
     @staticmethod
     def run_denoiser(model: Callable, latents: torch.Tensor, plan: TilingPlan, on_tile) -> torch.Tensor:
@@ -638,21 +629,8 @@ class OneStepSRBase(DiffusionPipeline, abc.ABC):
         index: int,
         device: torch.device,
     ) -> Conditioning:
-        """Image `index`'s conditioning: precomputed embeddings, else the fixed embedding for an empty prompt
-        (when the pipeline has one), else the text encoders."""
-        dtype = self.denoiser_dtype
-        if prompt_embeds is not None:
-            pooled = None if pooled_prompt_embeds is None else self._pick(pooled_prompt_embeds, index).to(device, dtype)
-            return Conditioning(self._pick(prompt_embeds, index).to(device, dtype), pooled)
-        if not self.has_text_encoders or (not prompt and self.prompt_embedding is not None):
-            return self.fixed_conditioning(device, dtype)
-        return self.encode_text(prompt, device, dtype)
-
-    def text_conditioning(self, prompt: str) -> Conditioning:
-        """The prompt through the text encoders even when it is empty (never the fixed embedding)."""
-        if not self.has_text_encoders:
-            raise ValueError(f"{self.display_name} here has no text encoder, so it cannot encode the prompt {prompt!r}")
-        return self.encode_text(prompt, self._execution_device, self.denoiser_dtype)
+        """Image `index`'s conditioning; default: none (check_conditioning refused any prompt)."""
+        return Conditioning(None)
 
     def to_model_latents(self, latents: torch.Tensor) -> torch.Tensor:
         return latents * self.vae.config.scaling_factor
@@ -679,24 +657,7 @@ class OneStepSRBase(DiffusionPipeline, abc.ABC):
     def upsample(self, lq: LQImage, factor: int) -> LQImage:
         """The LQ image at output size, exactly as the method's official code computes it."""
 
-    @abc.abstractmethod
-    def encode_text(self, prompt: str, device: torch.device, dtype: torch.dtype) -> Conditioning:
-        """The prompt through the pipeline's text encoder(s) (only called when `has_text_encoders`)."""
-
-    @abc.abstractmethod
-    def model_output(self, latents: torch.Tensor, cond: Conditioning) -> torch.Tensor:
-        """The denoiser's raw output (eps, v, x0 or velocity) for a batch of latent tiles."""
-
-    @abc.abstractmethod
-    def predict_clean_latent(self, model_output: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
-        """x0 in closed form from the (blended) model output and the input latent."""
-
     # ------------------------------------------------------------------ helpers
-
-    def fixed_conditioning(self, device: torch.device, dtype: torch.dtype) -> Conditioning:
-        """The pipeline's fixed/learned prompt embedding (check_conditioning made sure it exists)."""
-        embeds, pooled = self.prompt_embedding.to_conditioning(device, dtype)
-        return Conditioning(embeds, pooled)
 
     @staticmethod
     def _per_image(value: Any, count: int, name: str) -> list:
@@ -709,3 +670,78 @@ class OneStepSRBase(DiffusionPipeline, abc.ABC):
     @staticmethod
     def _pick(embeds: torch.Tensor, index: int) -> torch.Tensor:
         return embeds[index : index + 1] if embeds.shape[0] > 1 else embeds
+
+
+class PromptConditionedSRBase(OneStepSRBase):
+    """Pipelines whose denoiser is conditioned on a prompt (text encoders, a fixed or learned prompt embedding, or
+    given embeddings) and runs ONE evaluation, x0 following in closed form (the SD2.1 UNet and SD3 transformer
+    families). Subclasses say how text is encoded, how the denoiser is called and what its output means."""
+
+    def check_conditioning(
+        self, prompts: list[str], prompt_embeds: torch.Tensor | None, pooled_prompt_embeds: torch.Tensor | None
+    ) -> None:
+        """Prompts need text encoders unless embeddings are given (or the prompt is empty and a fixed one exists)."""
+        if prompt_embeds is not None or pooled_prompt_embeds is not None or self.has_text_encoders:
+            return
+        if self.prompt_embedding is None:
+            raise ValueError("this pipeline has no text encoder and no prompt embedding; pass prompt_embeds=")
+        custom = next((p for p in prompts if p), None)
+        if custom is not None:
+            raise ValueError(
+                f"this pipeline has no text encoder, so a custom prompt ({custom!r}) cannot be used; "
+                "leave prompt empty to use the model's own prompt embedding"
+            )
+
+    def encode_prompt(
+        self,
+        prompt: str,
+        prompt_embeds: torch.Tensor | None,
+        pooled_prompt_embeds: torch.Tensor | None,
+        index: int,
+        device: torch.device,
+    ) -> Conditioning:
+        """Image `index`'s conditioning: precomputed embeddings, else the fixed embedding for an empty prompt
+        (when the pipeline has one), else the text encoders."""
+        dtype = self.denoiser_dtype
+        if prompt_embeds is not None:
+            pooled = None if pooled_prompt_embeds is None else self._pick(pooled_prompt_embeds, index).to(device, dtype)
+            return Conditioning(self._pick(prompt_embeds, index).to(device, dtype), pooled)
+        if not self.has_text_encoders or (not prompt and self.prompt_embedding is not None):
+            return self.fixed_conditioning(device, dtype)
+        return self.encode_text(prompt, device, dtype)
+
+    def text_conditioning(self, prompt: str) -> Conditioning:
+        """The prompt through the text encoders even when it is empty (never the fixed embedding)."""
+        if not self.has_text_encoders:
+            raise ValueError(f"{self.display_name} here has no text encoder, so it cannot encode the prompt {prompt!r}")
+        return self.encode_text(prompt, self._execution_device, self.denoiser_dtype)
+
+    def denoise(
+        self,
+        latents: torch.Tensor,
+        cond: Conditioning,
+        plan: TilingPlan | None = None,
+        on_tile: Callable[[int], None] | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """One denoiser evaluation (tile by tile, outputs blended), then x0 in closed form once."""
+        plan = plan or TilingPlan.untiled(tuple(latents.shape[-2:]))
+        model_output = self.run_denoiser(partial(self.model_output, cond=cond), latents, plan, on_tile)
+        return self.predict_clean_latent(model_output, latents.float())
+
+    def fixed_conditioning(self, device: torch.device, dtype: torch.dtype) -> Conditioning:
+        """The pipeline's fixed/learned prompt embedding (check_conditioning made sure it exists)."""
+        embeds, pooled = self.prompt_embedding.to_conditioning(device, dtype)
+        return Conditioning(embeds, pooled)
+
+    @abc.abstractmethod
+    def encode_text(self, prompt: str, device: torch.device, dtype: torch.dtype) -> Conditioning:
+        """The prompt through the pipeline's text encoder(s) (only called when `has_text_encoders`)."""
+
+    @abc.abstractmethod
+    def model_output(self, latents: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """The denoiser's raw output (eps, v, x0 or velocity) for a batch of latent tiles."""
+
+    @abc.abstractmethod
+    def predict_clean_latent(self, model_output: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+        """x0 in closed form from the (blended) model output and the input latent."""

@@ -9,10 +9,10 @@ from diffusers.schedulers import SchedulerMixin
 from .images import LQImage, upsample_pil_bicubic
 from .models.prompt_embedding import PromptEmbedding
 from .models.ram_tagger import RAMTagger
-from .pipeline_base import Conditioning, OneStepSRBase
+from .pipeline_base import Conditioning, PromptConditionedSRBase
 
 
-class OneStepSRPipeline(OneStepSRBase):
+class OneStepSRPipeline(PromptConditionedSRBase):
     r"""Upscale an image, encode it, denoise its latent in ONE UNet step, decode, colour-correct.
 
     The low-quality latent itself is the diffusion state at `timestep` (no noise is added);

@@ -95,7 +95,46 @@ class OneStepSRResShiftPipeline(OneStepSRBase):
                 f"num_inference_steps must be 1 or the schedule's {num_train_steps}, got {num_inference_steps}"
             )
 
-    prompt_embedding = None  # no text conditioning at all
+    @torch.no_grad()
+    def __call__(
+        self,
+        image,
+        upscale: int = 4,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        noise: torch.Tensor | None = None,
+        color_fix: str | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        tile_size: int | str | None = "auto",
+        tile_overlap: int | str = "auto",
+        tile_batch_size: int = 1,
+        vae_tile_size: int | str | None = "auto",
+        blend: str = "gaussian",
+        progress_callback: Callable[[int, int], None] | None = None,
+        **unused,
+    ):
+        r"""Upscale x4: pad the LR (reflect, to 64 px), bicubic x4, encode to z_y (no quantisation), start from
+        x_T = z_y + kappa sqrt(eta_T) eps, run the sampler (TAD-SR / SinSR: x0 = UNet(x_T, T - 1, LR) in one step;
+        ResShift: its own 15 or 4 posterior steps), quantise to the nearest codes, decode, crop, clamp.
+
+        Args:
+            image: as every pipeline takes it (PIL, numpy, tensor in [0, 1], or a list).
+            upscale: 4 (the model's only factor).
+            generator: draws eps (a CPU generator seeded S reproduces the official `torch.manual_seed(S)`).
+            noise: the latent-shaped eps to inject instead (one image).
+            color_fix: "none" by default (the official scripts apply none), or "adain" / "wavelet".
+            output_type, return_dict, tile_size, tile_overlap, tile_batch_size, vae_tile_size, blend,
+            progress_callback: as in every pipeline (see `OneStepSRBase.__call__`). Denoiser tiles share one noise
+                map drawn for the whole latent, so tiled output is seam-free and deterministic.
+            The text arguments other pipelines take (`prompt`, `prompt_embeds`, ...) are accepted only empty, so a
+            caller can drive every pipeline alike; `latent_sampling` and `use_tagger` do not apply and are ignored.
+        """
+        refused = {k: v for k, v in unused.items() if k not in ("latent_sampling", "use_tagger") and v}
+        return super().__call__(
+            image, upscale=upscale, generator=generator, noise=noise, color_fix=color_fix, output_type=output_type,
+            return_dict=return_dict, tile_size=tile_size, tile_overlap=tile_overlap, tile_batch_size=tile_batch_size,
+            vae_tile_size=vae_tile_size, blend=blend, progress_callback=progress_callback, **refused,
+        )  # fmt: skip
 
     def check_config(self, source) -> None:
         from .loading.files import CheckpointError
@@ -146,10 +185,6 @@ class OneStepSRResShiftPipeline(OneStepSRBase):
     @property
     def has_text_encoders(self) -> bool:
         return False
-
-    def check_conditioning(self, prompts, prompt_embeds, pooled_prompt_embeds) -> None:
-        if prompt_embeds is not None or pooled_prompt_embeds is not None or any(prompts):
-            raise ValueError(f"{self.display_name} takes no prompt (its denoiser is conditioned on the LR image only)")
 
     def upsample(self, lq: LQImage, factor: int) -> LQImage:
         # for the colour-fix reference and the alpha channel; the model input is made in model_input
@@ -224,18 +259,3 @@ class OneStepSRResShiftPipeline(OneStepSRBase):
     def decoder_input(self, latents: torch.Tensor) -> torch.Tensor:
         """The nearest codes (then the VQ decoder, post_quant_conv included, runs in the shared decode)."""
         return nearest_codes(self.from_model_latents(latents), self.vae.quantize.embedding.weight)
-
-    # the base class's abstract hooks, for one model call outside the sampler
-    def encode_text(self, prompt, device, dtype) -> Conditioning:
-        raise ValueError(f"{self.display_name} has no text encoder")
-
-    def encode_prompt(self, prompt, prompt_embeds, pooled_prompt_embeds, index, device) -> Conditioning:
-        return Conditioning(None)
-
-    def model_output(self, latents: torch.Tensor, cond: Conditioning) -> torch.Tensor:
-        t = self.config.num_train_steps - 1
-        steps = torch.full((latents.shape[0],), t, dtype=torch.int64, device=latents.device)
-        return self.unet(latents, steps, cond.image)
-
-    def predict_clean_latent(self, model_output: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
-        return model_output  # the UNet predicts x0 itself

@@ -11,10 +11,10 @@ from diffusers.schedulers import SchedulerMixin
 from .images import LQImage, upsample_pil_bicubic, upsample_torch_bicubic
 from .models.prompt_embedding import PromptEmbedding
 from .models.sd3_text import encode_sd3_prompt
-from .pipeline_base import Conditioning, OneStepSRBase
+from .pipeline_base import Conditioning, PromptConditionedSRBase
 
 
-class OneStepSRSD3Pipeline(OneStepSRBase):
+class OneStepSRSD3Pipeline(PromptConditionedSRBase):
     r"""Upscale, encode, ONE flow-matching step on an SD3 transformer, decode, colour-correct.
 
     The low-quality latent is the flow state at sigma = timestep / num_train_timesteps (TSD-SR:

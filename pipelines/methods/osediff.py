@@ -75,9 +75,9 @@ VAE_ADAPTER = "default_encoder"
 
 
 def unet_adapter_of(module: str) -> str:
-    if "down_blocks" in module or module.startswith("conv_in"):
+    if "down_blocks" in module or "conv_in" in module:
         return "default_encoder"
-    if "up_blocks" in module or module.startswith("conv_out"):
+    if "up_blocks" in module or "conv_out" in module:
         return "default_decoder"
     return "default_others"
 
@@ -127,13 +127,28 @@ def write_weights(pipe: OneStepSRPipeline, path: str | os.PathLike) -> Path:
             if factor == "A":
                 vae_modules.append(module)
                 ranks["vae"] = value.shape[0]
+    return save_osediff_checkpoint(
+        path, unet_sd, vae_sd, modules, vae_modules, ranks.get("unet", 0), ranks.get("vae", 0)
+    )
+
+
+def save_osediff_checkpoint(
+    path: str | os.PathLike,
+    unet_sd: dict[str, torch.Tensor],
+    vae_sd: dict[str, torch.Tensor],
+    unet_modules: dict[str, list[str]],
+    vae_modules: list[str],
+    rank_unet: int,
+    rank_vae: int,
+) -> Path:
+    """torch.save of the official dict: module lists per adapter, ranks, the two state dicts."""
     checkpoint = {
-        "unet_lora_encoder_modules": modules["default_encoder"],
-        "unet_lora_decoder_modules": modules["default_decoder"],
-        "unet_lora_others_modules": modules["default_others"],
+        "unet_lora_encoder_modules": unet_modules["default_encoder"],
+        "unet_lora_decoder_modules": unet_modules["default_decoder"],
+        "unet_lora_others_modules": unet_modules["default_others"],
         "vae_lora_encoder_modules": vae_modules,
-        "rank_unet": int(ranks.get("unet", 0)),
-        "rank_vae": int(ranks.get("vae", 0)),
+        "rank_unet": int(rank_unet),
+        "rank_vae": int(rank_vae),
         "state_dict_unet": unet_sd,
         "state_dict_vae": vae_sd,
     }

@@ -25,15 +25,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmark_tiling import peak_rss_gib  # (this folder is on sys.path when the script runs)
+
 ROWS = [("fp32", False), ("fp32", True), ("bf16", False), ("bf16", True)]
-
-
-def peak_rss_gib() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 2**20
-    return float("nan")
 
 
 def build_pipeline():

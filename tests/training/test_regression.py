@@ -329,3 +329,63 @@ def test_export_loads_and_reproduces_the_trained_model(tmp_path, train_images, b
     assert (a - b).abs().max() <= 1e-6
     assert (a - live).abs().max() <= (1e-6 if family == "tadsr" else 1e-4)
     assert (a - s).abs().max() > 1e-3, "the export holds the starting weights"
+
+
+def test_phases_run_in_order_with_their_own_optimizers(tmp_path, train_images, backbones):
+    """An objective with two phases (as the GAN objectives have: generator, then discriminator): each step runs
+    them in the objective's order, each with its own optimizer, LR and gradients."""
+    from onestep_sr.training.objectives import Phase, RegressionObjective
+
+    calls = []
+
+    class TwoPhases(RegressionObjective):
+        name = "two-phases-test"
+
+        def __init__(self, pipe, config, perceptual=None):
+            super().__init__(pipe, config, perceptual)
+            self.critic = torch.nn.Parameter(torch.zeros(3))
+
+        @property
+        def phases(self):
+            return [Phase("generator", self.trainable, 1e-3), Phase("critic", {"w": self.critic}, 0.5)]
+
+        def losses(self, phase, batch):
+            calls.append(phase)
+            if phase == "critic":
+                return {"loss": ((self.critic - 1) ** 2).sum()}
+            return super().losses(phase, batch)
+
+    trainer = Trainer(osediff_config(tmp_path, train_images, backbones, perceptual="none"))
+    objective = TwoPhases(trainer.pipe, trainer.config)
+    trainer.objective, trainer.phases = objective, objective.phases
+    trainer.trainable = {f"{ph.name}/{k}": p for ph in trainer.phases for k, p in ph.parameters.items()}
+    trainer._build_optimizers()
+    before = {k: p.detach().clone() for k, p in objective.trainable.items()}
+    batch = trainer._prepare(next(trainer._loader(0)))
+    logged = trainer.train_step([batch, batch])
+    assert calls == ["generator", "generator", "critic", "critic"]
+    # AdamW's first step moves each weight by lr (times sign) minus the decay: 0.5 for the critic
+    assert torch.allclose(objective.critic.detach(), torch.full((3,), 0.5), atol=1e-6)
+    assert any(not torch.equal(before[k], p) for k, p in objective.trainable.items())
+    assert {"generator/lr", "critic/lr", "critic/loss", "generator/mse"} <= logged.keys()
+    assert trainer.optimizers["critic"].param_groups[0]["params"] == [objective.critic]
+
+
+def test_fp16_loss_scaling_step(tmp_path, train_images, backbones):
+    """fp16 autocast with loss scaling: the step unscales before clipping, so the clipped update equals fp32's
+    closely; a finite loss, and the weights move."""
+    trainer = Trainer(osediff_config(tmp_path, train_images, backbones, mixed_precision="fp16", perceptual="none"))
+    assert trainer.scaler is not None
+    before = {k: p.detach().clone() for k, p in trainer.trainable.items()}
+    batch = trainer._prepare(next(trainer._loader(0)))
+    logged = trainer.train_step([batch])
+    assert torch.isfinite(torch.tensor(logged["loss"]))
+    assert 0 < logged["generator/grad_norm"] < 1e4  # unscaled before clipping (a scaled norm would be ~65536x)
+    assert max((before[k] - p).abs().max().item() for k, p in trainer.trainable.items()) > 0
+
+
+def test_workers_give_the_same_batches(tmp_path, train_images, backbones):
+    a = Trainer(osediff_config(tmp_path / "a", train_images, backbones, perceptual="none", batch_size=2))
+    b = Trainer(osediff_config(tmp_path / "b", train_images, backbones, perceptual="none", batch_size=2, num_workers=2))
+    for x, y in zip([next(a._loader(5)) for _ in range(1)], [next(b._loader(5)) for _ in range(1)]):
+        assert torch.equal(x["hq"], y["hq"]) and x["degradation"] == y["degradation"] and x["seed"] == y["seed"]

@@ -65,7 +65,10 @@ class RegressionObjective(Objective):
         return [Phase("generator", self.trainable, self.config.learning_rate)]
 
     def modules(self) -> list[torch.nn.Module]:
-        return [self.pipe.denoiser_module]
+        # the VAE too where diffusers can checkpoint it: its decoder's activations at full resolution are as
+        # large as the denoiser's (the ResShift family's VQModel cannot; its decode is short)
+        vae = self.pipe.vae
+        return [self.pipe.denoiser_module, *([vae] if getattr(vae, "_supports_gradient_checkpointing", False) else [])]
 
     def start_noise(self, batch: dict, latent_shape: torch.Size) -> torch.Tensor | None:
         """Per-sample start noise for methods that noise the LQ latent (seeded by the sample, not the batch)."""
