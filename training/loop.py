@@ -405,11 +405,8 @@ class Trainer:
             finally:
                 if self.ema is not None:
                     self.ema.swap()
-            out["weights"] = Path(weights)
-            options = (
-                {"embeddings": self.config.embeddings} if self.config.embeddings and self.method.id != "tsdsr" else {}
-            )
-            out["diffusers"] = convert_to_diffusers(self.config.base, weights, final / "diffusers", **options)
+            out["weights"] = Path(weights)  # (TSD-SR's folder holds its embeddings too)
+            out["diffusers"] = convert_to_diffusers(self.config.base, weights, final / "diffusers")
             (final / "README.txt").write_text(
                 f"Trained with onestep-sr ({self.config.objective} objective) from {self.config.weights}.\n"
                 f"{out['weights'].name}: {self.method.display_name} weights in the method's own format; load with "

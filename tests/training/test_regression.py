@@ -389,3 +389,25 @@ def test_workers_give_the_same_batches(tmp_path, train_images, backbones):
     b = Trainer(osediff_config(tmp_path / "b", train_images, backbones, perceptual="none", batch_size=2, num_workers=2))
     for x, y in zip([next(a._loader(5)) for _ in range(1)], [next(b._loader(5)) for _ in range(1)]):
         assert torch.equal(x["hq"], y["hq"]) and x["degradation"] == y["degradation"] and x["seed"] == y["seed"]
+
+
+@pytest.mark.parametrize("family", ["osediff", "tadsr"])
+def test_paired_lr_data(tmp_path, train_images, family):
+    """Paired LR images (HQ / 4): the SD methods see them upsampled to the HQ size (torch bicubic), the ResShift
+    family takes them as they are; a wrongly sized LQ folder is a clear error."""
+    lq_dir = tmp_path / "lq"
+    lq_dir.mkdir()
+    for p in train_images.iterdir():
+        Image.open(p).resize((22, 18), Image.BICUBIC).save(lq_dir / p.name)
+    paths = {k: str(v) for k, v in FAMILIES[family].items()}
+    config = TrainConfig.from_dict(dict(paths, train_data=str(train_images), train_lq_data=str(lq_dir), crop_size=64,
+                                        degradation="none", perceptual="none", output_dir=str(tmp_path / "run")))  # fmt: skip
+    trainer = Trainer(config)
+    batch = trainer._prepare(next(trainer._loader(0)))
+    assert batch["lq"].shape[-2:] == (16, 16) and batch["hq"].shape[-2:] == (64, 64)
+    losses = trainer.objective.losses("generator", batch)
+    assert torch.isfinite(losses["loss"])
+    if family == "tadsr":
+        batch["lq"] = torch.nn.functional.interpolate(batch["lq"], size=(32, 32))
+        with pytest.raises(ValueError, match=r"LR images at 1/4 of the HQ size"):
+            trainer.objective.losses("generator", batch)

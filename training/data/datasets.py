@@ -87,6 +87,7 @@ class TrainImages(torch.utils.data.Dataset):
                     f"suffix); first: {missing[0].relative_to(self.hq_root)}"
                 )
         self._bad: set[int] = set()
+        self._epoch, self._order = -1, None  # the permutation of the epoch last used
 
     def _lq_path(self, hq: Path) -> Path:
         rel = hq.relative_to(self.hq_root)
@@ -102,8 +103,10 @@ class TrainImages(torch.utils.data.Dataset):
     def index_of(self, position: int) -> int:
         """The file index at a global position: epoch-wise permutations of the files, seeded by (seed, epoch)."""
         epoch, offset = divmod(position, len(self.files))
-        g = torch.Generator().manual_seed(sample_seed(self.seed, -1 - epoch))
-        return int(torch.randperm(len(self.files), generator=g)[offset])
+        if self._epoch != epoch:
+            g = torch.Generator().manual_seed(sample_seed(self.seed, -1 - epoch))
+            self._epoch, self._order = epoch, torch.randperm(len(self.files), generator=g)
+        return int(self._order[offset])
 
     def __getitem__(self, position: int) -> Sample:
         index = self.index_of(position)

@@ -81,10 +81,25 @@ class RegressionObjective(Objective):
         ]
         return torch.stack(draws)
 
+    def model_lq(self, lq: torch.Tensor, hq: torch.Tensor) -> torch.Tensor:
+        """The LQ as the method trains on it: at HQ size for the SD methods (paired LR images are upsampled with
+        torch bicubic), at HQ / 4 for the ResShift family."""
+        if self.lq_at_hq_size:
+            if lq.shape[-2:] != hq.shape[-2:]:
+                lq = F.interpolate(lq, size=hq.shape[-2:], mode="bicubic", align_corners=False).clamp(0, 1)
+            return lq
+        expected = tuple(n // self.pipe.fixed_upscale for n in hq.shape[-2:])
+        if tuple(lq.shape[-2:]) != expected:
+            raise ConfigError(
+                f"{self.pipe.display_name} trains on LR images at 1/{self.pipe.fixed_upscale} of the HQ size "
+                f"{tuple(hq.shape[-2:])}, got LQ {tuple(lq.shape[-2:])} (train_lq_data, scale)"
+            )
+        return lq
+
     def generate(self, batch: dict):
         """The generator's one step on the batch's LQ: (one_step result, decoded image cropped to the HQ size)."""
         pipe = self.pipe
-        image, low = pipe.prepare_batch(batch["lq"])
+        image, low = pipe.prepare_batch(self.model_lq(batch["lq"], batch["hq"]))
         cond = pipe.condition_on_image(self.text, low, image.device)
         latent_hw = tuple(n // pipe.vae_scale_factor for n in image.shape[-2:])
         noise = self.start_noise(batch, (image.shape[0], pipe.vae.config.latent_channels, *latent_hw))
