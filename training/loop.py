@@ -75,6 +75,16 @@ class EMA:
             self.shadow[k].copy_(live)
 
 
+def store_frozen_weights_in(pipe, dtype: torch.dtype) -> None:
+    """Mixed precision as diffusers' training examples do it: the frozen weights stored in the compute dtype (half
+    the memory, no per-step casts), the trained ones kept in fp32 for the optimizer."""
+    for module in pipe.components.values():
+        if isinstance(module, torch.nn.Module):
+            for p in module.parameters():
+                if not p.requires_grad and p.is_floating_point():
+                    p.data = p.data.to(dtype)
+
+
 def checkpoint_blocks(module: torch.nn.Module) -> None:
     """Gradient checkpointing: diffusers' own where the model supports it, else every block of the model's
     ModuleLists (and its middle block) recomputed in the backward pass."""
@@ -221,6 +231,9 @@ class Trainer:
         if c.gradient_checkpointing:
             for module in self.objective.modules():
                 checkpoint_blocks(module)
+        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(c.mixed_precision)
+        if self.autocast_dtype is not None:
+            store_frozen_weights_in(pipe, self.autocast_dtype)
         self.trainable = {f"{ph.name}/{k}": p for ph in self.phases for k, p in ph.parameters.items()}
         self.ema = EMA(self.trainable, c.ema_decay) if c.ema_decay > 0 else None
 
@@ -239,7 +252,6 @@ class Trainer:
             self.schedulers[phase.name] = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(c, s))
         fp16 = c.mixed_precision == "fp16"
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=True) if fp16 else None
-        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(c.mixed_precision)
 
     def _build_data(self) -> None:
         from .data.datasets import TrainImages
@@ -285,6 +297,12 @@ class Trainer:
             p.grad = flat[offset : offset + n].view_as(p).clone()
             offset += n
 
+    def autocast(self):
+        """The run's precision for any forward of the trained model (training steps, validation, your own calls
+        to `trainer.pipe`): autocast to bf16/fp16, or nothing for fp32."""
+        dtype = self.autocast_dtype
+        return torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
     def train_step(self, micro_batches: list[dict]) -> dict[str, float]:
         c = self.config
         logged: dict[str, float] = {}
@@ -293,11 +311,7 @@ class Trainer:
             params = list(phase.parameters.values())
             opt.zero_grad(set_to_none=True)
             for batch in micro_batches:
-                with torch.autocast(
-                    self.device.type,
-                    dtype=self.autocast_dtype or torch.float32,
-                    enabled=self.autocast_dtype is not None,
-                ):
+                with self.autocast():
                     losses = self.objective.losses(phase.name, batch)
                 loss = losses["loss"].float() / len(micro_batches)
                 if not torch.isfinite(loss):
@@ -380,9 +394,9 @@ class Trainer:
             if self.ema is not None:
                 self.ema.swap()
             try:
-                metrics = run_validation(
-                    self.pipe, c, step, self.output_dir / "validation" / f"step-{step:08d}", self.objective.perceptual
-                )
+                with self.autocast():
+                    folder = self.output_dir / "validation" / f"step-{step:08d}"
+                    metrics = run_validation(self.pipe, c, step, folder, self.objective.perceptual)
             finally:
                 if self.ema is not None:
                     self.ema.swap()

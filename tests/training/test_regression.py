@@ -287,11 +287,14 @@ FAMILIES = {
 }
 
 
+@pytest.mark.parametrize("precision", ["no", "bf16"])
 @pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_export_loads_and_reproduces_the_trained_model(tmp_path, train_images, backbones, family):
+def test_export_loads_and_reproduces_the_trained_model(tmp_path, train_images, backbones, family, precision):
     """What the trainer writes (the method's own format, and a diffusers folder) loads through load_pipeline /
-    load_converted: both give identical images (1e-6), equal to the trained pipeline's own within the LoRA
-    fusion's float error (1e-4; the ResShift family trains full weights: 1e-6), and differ from the start."""
+    load_converted: both give identical images (1e-6), differ from the start, and equal the trained pipeline's own
+    output: in fp32 within the LoRA fusion's float error (1e-4; the ResShift family trains full weights: 1e-6);
+    after bf16 training (frozen weights stored in bf16, trained ones fp32) the live bf16 forward is within bf16's
+    error of the fp32 export (max 0.1, mean 0.05; the ResShift family's VQ codes flip, so only its mean)."""
     paths = {k: str(v) for k, v in FAMILIES[family].items()}
     config = TrainConfig.from_dict(
         dict(
@@ -304,12 +307,15 @@ def test_export_loads_and_reproduces_the_trained_model(tmp_path, train_images, b
             max_steps=2,
             learning_rate=1e-3,
             export=True,
-            mixed_precision="bf16",
+            mixed_precision=precision,
             gradient_checkpointing=True,
         )
     )
     trainer = Trainer(config)
     result = trainer.run()
+    assert {p.dtype for p in trainer.trainable.values()} == {torch.float32}
+    frozen = {p.dtype for m in (trainer.pipe.vae,) for p in m.parameters() if not p.requires_grad}
+    assert frozen == {torch.bfloat16 if precision == "bf16" else torch.float32}
     x = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(3))
     kwargs = dict(upscale=4, output_type="pt", tile_size=None, vae_tile_size=None, color_fix="none")
     if family == "tadsr":
@@ -317,7 +323,7 @@ def test_export_loads_and_reproduces_the_trained_model(tmp_path, train_images, b
     else:
         x = torch.nn.functional.interpolate(x, scale_factor=4, mode="bicubic").clamp(0, 1)
         kwargs["upscale"] = 1
-    with torch.no_grad():
+    with torch.no_grad(), trainer.autocast():
         live = trainer.pipe(x, **kwargs).images
     options = {"embeddings": paths["embeddings"]} if "embeddings" in paths else {}
     own = load_pipeline(paths["base"], result.exported["weights"])
@@ -327,7 +333,10 @@ def test_export_loads_and_reproduces_the_trained_model(tmp_path, train_images, b
         p.set_progress_bar_config(disable=True)
     a, b, s = own(x, **kwargs).images, converted(x, **kwargs).images, start(x, **kwargs).images
     assert (a - b).abs().max() <= 1e-6
-    assert (a - live).abs().max() <= (1e-6 if family == "tadsr" else 1e-4)
+    if precision == "bf16":  # (VQ codes flip in bf16: the ResShift family is bounded on the mean, as its tests do)
+        assert (a - live).abs().mean() <= 0.05 and (family == "tadsr" or (a - live).abs().max() <= 0.1)
+    else:
+        assert (a - live).abs().max() <= (1e-6 if family == "tadsr" else 1e-4)
     assert (a - s).abs().max() > 1e-3, "the export holds the starting weights"
 
 
