@@ -409,8 +409,17 @@ def test_paired_lr_data(tmp_path, train_images, family):
     for p in train_images.iterdir():
         Image.open(p).resize((22, 18), Image.BICUBIC).save(lq_dir / p.name)
     paths = {k: str(v) for k, v in FAMILIES[family].items()}
-    config = TrainConfig.from_dict(dict(paths, train_data=str(train_images), train_lq_data=str(lq_dir), crop_size=64,
-                                        degradation="none", perceptual="none", output_dir=str(tmp_path / "run")))  # fmt: skip
+    config = TrainConfig.from_dict(
+        dict(
+            paths,
+            train_data=str(train_images),
+            train_lq_data=str(lq_dir),
+            crop_size=64,
+            degradation="none",
+            perceptual="none",
+            output_dir=str(tmp_path / "run"),
+        )
+    )
     trainer = Trainer(config)
     batch = trainer._prepare(next(trainer._loader(0)))
     assert batch["lq"].shape[-2:] == (16, 16) and batch["hq"].shape[-2:] == (64, 64)
