@@ -194,9 +194,9 @@ class Trainer:
         self.output_dir = Path(config.output_dir)
         self.is_main = self.accelerator.is_main_process
         torch.manual_seed(config.seed)
+        self._build_data()  # (an empty or missing image folder fails before the model loads)
         self._build_model(pipe)
         self._build_optimizers()
-        self._build_data()
         self.logger = Logger(self.output_dir / "logs", self.is_main)
 
     # ------------------------------------------------------------------ building
@@ -208,6 +208,10 @@ class Trainer:
 
         c = self.config
         objective_cls = get_objective(c.objective)
+        # the perceptual backbone first: a missing file is reported before the (long) model load
+        perceptual = build_perceptual(c, [Path(c.base).parent, Path(c.weights).parent])
+        if perceptual is not None:
+            perceptual.to(self.device)
         options = {"embeddings": c.embeddings} if c.embeddings else {}
         if pipe is None:
             pipe = load_pipeline(
@@ -217,10 +221,6 @@ class Trainer:
         for module in pipe.components.values():
             if isinstance(module, torch.nn.Module):
                 module.requires_grad_(False)
-        search = [Path(c.base).parent, Path(c.weights).parent]
-        perceptual = build_perceptual(c, search)
-        if perceptual is not None:
-            perceptual.to(self.device)
         self.pipe = pipe
         self.method = pipe.sr_method
         self.objective = objective_cls(pipe, c, perceptual)

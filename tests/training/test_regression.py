@@ -266,16 +266,18 @@ def test_validation_metrics_and_samples(tmp_path, train_images, backbones, val_f
     assert len(samples) == 1 and Image.open(samples[0]).size == (64, 64)
 
 
-def test_missing_perceptual_weights_is_a_clear_error(tmp_path, train_images):
+def test_missing_perceptual_weights_is_a_clear_error(tmp_path, train_images, monkeypatch):
+    """Reported before the model is loaded (the load would take minutes at full size)."""
+    import onestep_sr.pipelines.methods as methods
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the missing backbone was reported")
+
+    monkeypatch.setattr(methods, "load_pipeline", no_load)
     config = TrainConfig.from_dict(
-        dict(
-            base=str(TINY_SD21),
-            weights=str(OSEDIFF_WEIGHTS),
-            train_data=str(train_images),
-            crop_size=64,
-            output_dir=str(tmp_path),
-        )
-    )
+        dict(base=str(TINY_SD21), weights=str(OSEDIFF_WEIGHTS), train_data=str(train_images), crop_size=64,
+             output_dir=str(tmp_path))
+    )  # fmt: skip
     with pytest.raises(FileNotFoundError, match=r"vgg16-397923af\.pth .*perceptual_weights"):
         Trainer(config)
 
