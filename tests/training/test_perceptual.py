@@ -98,7 +98,69 @@ def _sobel_zero(x, eps=1e-6):
     return torch.sqrt(F.conv2d(x, kx, padding=1, groups=c) ** 2 + F.conv2d(x, ky, padding=1, groups=c) ** 2 + eps)
 
 
+def _sobel_variant(x, pad="replicate", scale=1.0, combine="sqrt", eps=1e-6):
+    c = x.shape[1]
+    kx = torch.tensor(P.SOBEL_X).expand(c, 1, 3, 3) * scale
+    ky = torch.tensor(P.SOBEL_Y).expand(c, 1, 3, 3) * scale
+    padded = F.pad(x, (1, 1, 1, 1), mode=pad)
+    gx, gy = F.conv2d(padded, kx, groups=c), F.conv2d(padded, ky, groups=c)
+    return gx.abs() + gy.abs() if combine == "abs" else torch.sqrt(gx**2 + gy**2 + eps)
+
+
+def _ea_with(sobel_fn):
+    return lambda n, t: n["dists"](t["x"], t["y"]) + n["dists"](sobel_fn(t["x"]), sobel_fn(t["y"])) - t["eadists"]
+
+
+def _dists_maxpool(n, t):
+    import copy
+
+    net = copy.deepcopy(n["dists"])
+    for stage in net.stages[1:]:
+        stage[0] = torch.nn.MaxPool2d(2, 2)
+    return net(t["x"], t["y"]) - t["dists"]
+
+
+def _dists_unbiased(n, t):
+    net = n["dists"]
+    total = net.alpha.sum() + net.beta.sum()
+    alphas = torch.split(net.alpha / total, net.CHANNELS, dim=1)
+    betas = torch.split(net.beta / total, net.CHANNELS, dim=1)
+    score = 0
+    for fx, fy, a, b in zip(net.features(t["x"]), net.features(t["y"]), alphas, betas):
+        m = fx.shape[2] * fx.shape[3]
+        mx, my = fx.mean((2, 3), keepdim=True), fy.mean((2, 3), keepdim=True)
+        vx, vy = (
+            ((fx - mx) ** 2).sum((2, 3), keepdim=True) / (m - 1),
+            ((fy - my) ** 2).sum((2, 3), keepdim=True) / (m - 1),
+        )
+        cov = ((fx - mx) * (fy - my)).sum((2, 3), keepdim=True) / (m - 1)
+        s1 = (2 * mx * my + 1e-6) / (mx**2 + my**2 + 1e-6)
+        s2 = (2 * cov + 1e-6) / (vx + vy + 1e-6)
+        score = score + (a * s1).sum((1, 2, 3)) + (b * s2).sum((1, 2, 3))
+    return 1 - score - t["dists"]
+
+
+def _lpips_unscaled(n, t):
+    net = n["vgg"]
+    saved = net.shift.clone(), net.scale.clone()
+    net.shift.zero_()
+    net.scale.fill_(1)
+    try:
+        return net(2 * t["x"] - 1, 2 * t["y"] - 1) - t["lpips_vgg"]
+    finally:
+        net.shift.copy_(saved[0])
+        net.scale.copy_(saved[1])
+
+
 SENSITIVITY = {
+    "LPIPS ScalingLayer omitted": _lpips_unscaled,
+    "LPIPS alex instead of vgg": lambda n, t: n["alex"](2 * t["x"] - 1, 2 * t["y"] - 1) - t["lpips_vgg"],
+    "DISTS max-pool instead of L2 pooling": _dists_maxpool,
+    "DISTS unbiased variances": _dists_unbiased,
+    "EA-DISTS reflect padding": _ea_with(lambda x: _sobel_variant(x, pad="reflect")),
+    "EA-DISTS |Gx|+|Gy|": _ea_with(lambda x: _sobel_variant(x, combine="abs")),
+    "EA-DISTS Sobel / 8": _ea_with(lambda x: _sobel_variant(x, scale=1 / 8)),
+    "EA-DISTS eps 0": _ea_with(lambda x: _sobel_variant(x, eps=0.0)),
     "LPIPS fed [0,1]": lambda n, t: n["vgg"](t["x"], t["y"]) - t["lpips_vgg"],
     "LPIPS without unit normalisation": lambda n, t: _lpips_unnormalised(n["vgg"], t) - t["lpips_vgg"],
     "DISTS without ImageNet normalisation": lambda n, t: _dists_unnormalised(n["dists"], t) - t["dists"],
@@ -138,9 +200,17 @@ def _dists_unnormalised(net, t):
 
 @pytest.mark.parametrize("mistake", sorted(SENSITIVITY))
 def test_mistakes_are_caught(nets, mistake):
+    """Every perceptual row of sensitivity.json but LPIPS's train-mode dropout (this LPIPS has no dropout and
+    stays in eval mode: see test_lpips_never_trains) moves a value beyond the 2e-6 tolerance on some pair."""
     with torch.no_grad():
         worst = max(SENSITIVITY[mistake](nets, load_file(ROOT / f"{p}.safetensors")).abs().max().item() for p in PAIRS)
     assert worst > VALUE_ATOL, f"{mistake}: deviation {worst:.3g} is within the tolerance"
+
+
+def test_lpips_never_trains(nets):
+    net = nets["vgg"]
+    net.train()
+    assert not net.training and not any(isinstance(m, torch.nn.Dropout) for m in net.modules())
 
 
 def test_missing_backbone_file_is_a_clear_error(tmp_path):
