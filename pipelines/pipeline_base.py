@@ -7,6 +7,7 @@ how latents are scaled, how the denoiser is conditioned and called, and how its 
 from __future__ import annotations
 
 import abc
+import threading
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -371,6 +372,15 @@ class OneStepSRBase(DiffusionPipeline, abc.ABC):
         prompts = self._per_image(prompt, len(images), "prompt")
         if not all(isinstance(p, str) for p in prompts):
             raise ValueError(f"prompt must be a string or a list of strings, got {prompt!r}")
+        for p in prompts:
+            try:
+                p.encode("utf-8")
+            except UnicodeEncodeError as err:
+                raise ValueError(f"prompt {p!r} is not encodable text ({err.reason} at position {err.start})") from None
+        generators = self._per_image(generator, len(images), "generator")
+        for g in generators:
+            if g is not None and not isinstance(g, torch.Generator):
+                raise ValueError(f"generator must be a torch.Generator (or a list of them), got {type(g).__name__}")
         self.check_conditioning(prompts, prompt_embeds, pooled_prompt_embeds)
         if noise is not None and not self.accepts_noise:
             raise ValueError(f"{self.display_name} starts from the LQ latent itself and takes no noise=")
@@ -382,7 +392,7 @@ class OneStepSRBase(DiffusionPipeline, abc.ABC):
         return CallInputs(
             images=images,
             prompts=prompts,
-            generators=self._per_image(generator, len(images), "generator"),
+            generators=generators,
             upscale=factor,
             color_fix=color_fix,
             latent_sampling=latent_sampling,
@@ -598,12 +608,19 @@ class OneStepSRBase(DiffusionPipeline, abc.ABC):
 
     @contextmanager
     def heartbeat(self, tick: Callable[[], None]):
-        """Call `tick` after every block of the denoiser while inside (cancellation within a tile)."""
-        module, handles = self.denoiser_module, []
+        """Call `tick` after every block of the denoiser while inside (cancellation within a tile). The hooks sit on
+        the shared denoiser, so each fires only for forwards in the thread that entered: another call running the
+        same pipeline in another thread never reports progress to, or is cancelled by, this call's callback."""
+        module, handles, owner = self.denoiser_module, [], threading.get_ident()
+
+        def hook(*_):
+            if threading.get_ident() == owner:
+                tick()
+
         if module is not None:
             for child in module.children():
                 blocks = child if isinstance(child, torch.nn.ModuleList) else [child]
-                handles += [b.register_forward_hook(lambda *_: tick()) for b in blocks]
+                handles += [b.register_forward_hook(hook) for b in blocks]
         try:
             yield
         finally:
@@ -680,7 +697,19 @@ class PromptConditionedSRBase(OneStepSRBase):
     def check_conditioning(
         self, prompts: list[str], prompt_embeds: torch.Tensor | None, pooled_prompt_embeds: torch.Tensor | None
     ) -> None:
-        """Prompts need text encoders unless embeddings are given (or the prompt is empty and a fixed one exists)."""
+        """Prompts need text encoders unless embeddings are given (or the prompt is empty and a fixed one exists);
+        given embeddings must be finite and as wide as the denoiser's conditioning."""
+        for name, embeds, width, ndim in (
+            ("prompt_embeds", prompt_embeds, self.conditioning_width, 3),
+            ("pooled_prompt_embeds", pooled_prompt_embeds, self.pooled_width, 2),
+        ):
+            if embeds is None:
+                continue
+            if not isinstance(embeds, torch.Tensor) or embeds.ndim != ndim or embeds.shape[-1] != width:
+                shape = tuple(embeds.shape) if isinstance(embeds, torch.Tensor) else type(embeds).__name__
+                raise ValueError(f"{name} must be a {ndim}-D tensor of width {width} for this denoiser, got {shape}")
+            if not all_finite(embeds.float()):
+                raise ValueError(f"{name} holds NaN or Inf values")
         if prompt_embeds is not None or pooled_prompt_embeds is not None or self.has_text_encoders:
             return
         if self.prompt_embedding is None:
@@ -733,6 +762,16 @@ class PromptConditionedSRBase(OneStepSRBase):
         """The pipeline's fixed/learned prompt embedding (check_conditioning made sure it exists)."""
         embeds, pooled = self.prompt_embedding.to_conditioning(device, dtype)
         return Conditioning(embeds, pooled)
+
+    @property
+    @abc.abstractmethod
+    def conditioning_width(self) -> int:
+        """The width of the token embeddings the denoiser attends to."""
+
+    @property
+    def pooled_width(self) -> int | None:
+        """The width of the pooled embedding (SD3-style denoisers), else None."""
+        return None
 
     @abc.abstractmethod
     def encode_text(self, prompt: str, device: torch.device, dtype: torch.dtype) -> Conditioning:

@@ -67,6 +67,11 @@ class OneStepSRPipeline(PromptConditionedSRBase):
         return self.unet.config.block_out_channels[0]
 
     @property
+    def conditioning_width(self) -> int:
+        width = self.unet.config.cross_attention_dim
+        return width if isinstance(width, int) else width[0]
+
+    @property
     def denoiser_dtype(self) -> torch.dtype:
         return self.unet.dtype
 

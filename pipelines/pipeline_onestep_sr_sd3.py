@@ -90,6 +90,14 @@ class OneStepSRSD3Pipeline(PromptConditionedSRBase):
         return cfg.num_attention_heads * cfg.attention_head_dim // cfg.patch_size**2
 
     @property
+    def conditioning_width(self) -> int:
+        return self.transformer.config.joint_attention_dim
+
+    @property
+    def pooled_width(self) -> int:
+        return self.transformer.config.pooled_projection_dim
+
+    @property
     def denoiser_dtype(self) -> torch.dtype:
         return self.transformer.dtype
 

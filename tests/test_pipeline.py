@@ -247,3 +247,77 @@ def test_target_long_side_bounds():
         input_size_for_long_side((10, 10), 0, 100)
     with pytest.raises(ValueError, match=r"target long side must be a whole number of pixels >= upscale \(4\)"):
         input_size_for_long_side((10, 10), 4, 3.5)
+
+
+# ------------------------------------------------------------------ arguments checked before work
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (
+            {"prompt_embeds": torch.zeros(1, 77, 7)},
+            r"prompt_embeds must be a 3-D tensor of width 32 .* got \(1, 77, 7\)",
+        ),
+        ({"prompt_embeds": torch.full((1, 77, 32), float("nan"))}, "prompt_embeds holds NaN or Inf"),
+        ({"prompt_embeds": torch.zeros(77, 32)}, "3-D tensor"),
+        ({"generator": 1234}, "generator must be a torch.Generator"),
+        ({"generator": [torch.Generator(), "seed"]}, "generator must be a torch.Generator"),
+        ({"prompt": "a \ud800 cat"}, "not encodable text"),
+    ],
+    ids=["embeds-width", "embeds-nan", "embeds-2d", "generator-int", "generator-list", "lone-surrogate"],
+)
+def test_bad_arguments_are_clear_errors_before_work(osediff_pipe, kwargs, message):
+    called = []
+    original = osediff_pipe.encode
+    osediff_pipe.encode = lambda *a, **k: called.append(1) or original(*a, **k)
+    try:
+        image = [torch.rand(3, 8, 8)] * (2 if isinstance(kwargs.get("generator"), list) else 1)
+        with pytest.raises(ValueError, match=message):
+            osediff_pipe(image, upscale=1, output_type="pt", **kwargs)
+    finally:
+        del osediff_pipe.encode
+    assert not called, "the VAE ran before the argument was checked"
+
+
+def test_progress_and_cancel_belong_to_their_own_call(osediff_pipe, monkeypatch):
+    """Two threads run one pipeline: call A pauses inside its denoiser while call B runs whole. B's forward passes
+    the hooks A registered, yet A's callback is never called from B's thread, and A's cancel ends A alone."""
+    import threading
+
+    from onestep_sr.pipelines.pipeline_base import Progress
+
+    monkeypatch.setattr(Progress, "TICK_SECONDS", 0.0)  # every denoiser block reports
+    image = torch.rand(3, 16, 16, generator=torch.Generator().manual_seed(0))
+    solo = osediff_pipe(image, upscale=1, output_type="pt").images
+    a_threads, b_threads, b_result = [], [], []
+
+    class Cancelled(Exception):
+        pass
+
+    def run_b():
+        b_result.append(
+            osediff_pipe(image, upscale=1, output_type="pt", progress_callback=lambda d, t: b_threads.append(
+                threading.get_ident())).images
+        )  # fmt: skip
+
+    def a_callback(done, total):
+        a_threads.append(threading.get_ident())
+        # calls 1-2 close A's encode; from the 3rd on A's denoiser blocks report, with A's hooks on the shared UNet
+        if len(a_threads) == 5 and any(block._forward_hooks for block in osediff_pipe.unet.down_blocks):
+            b = threading.Thread(target=run_b)
+            b.start()
+            b.join(timeout=60)
+            raise Cancelled
+
+    def run_a():
+        with pytest.raises(Cancelled):
+            osediff_pipe(image, upscale=1, output_type="pt", progress_callback=a_callback)
+
+    a = threading.Thread(target=run_a)
+    a.start()
+    a.join(timeout=60)
+    assert len(set(a_threads)) == 1 and a_threads[0] != b_threads[0], "A's callback ran in B's thread"
+    assert len(a_threads) == 5, "A did not reach its denoiser"
+    assert b_result and torch.equal(b_result[0], solo), "B was disturbed by A"
+    assert len(set(b_threads)) == 1

@@ -265,3 +265,24 @@ def test_non_finite_decode_is_a_clear_error(osediff_pipe_fused):
     unet = nan_weight(pipe.unet.conv_out.weight)
     with unet, pytest.raises(NonFiniteOutputError, match="denoiser produced non-finite latents"):
         pipe(image, upscale=1, output_type="pt")
+
+
+@pytest.mark.parametrize("key", ["state_dict_unet", "rank_unet", "anything"])
+def test_a_broadcast_view_cannot_hang_the_loader(tmp_path, key):
+    """A ~1.4 KB pickle holding torch.ones(1).expand(10**7, 10**6) (stride 0: 1e13 values over one stored value)
+    is refused from its sizes and strides alone, whatever its key, before any pass over its values."""
+    import time
+
+    evil = tmp_path / "osediff.pkl"
+    huge = torch.ones(1).expand(10**7, 10**6)
+    torch.save({key: huge} if key == "anything" else {**torch.load(WEIGHTS, weights_only=True), key: huge}, evil)
+    assert evil.stat().st_size < 10**6 or key != "anything"
+    start = time.monotonic()
+    with pytest.raises(CheckpointError, match=r"10,000,000,000,000 values .* over a storage of 1"):
+        load_pipeline(BASE, evil)
+    assert time.monotonic() - start < 5
+    # an ordinary non-contiguous (transposed) weight is still accepted
+    from onestep_sr.pipelines.loading.files import read_weights
+
+    torch.save({"w": torch.randn(4, 5).t()}, tmp_path / "t.pkl")
+    assert read_weights(tmp_path / "t.pkl")["w"].shape == (5, 4)

@@ -62,7 +62,24 @@ def check_tensors(state: Any, source: Any, prefix: str = "") -> None:
             check_tensors(value, source, f"{prefix}[{i}]")
 
 
+def check_storage(key: str, tensor: torch.Tensor, source: Any) -> None:
+    """The tensor's values lie in its own storage: no broadcast (stride-0) or overlapping view that claims more
+    elements than the file holds (a 2 KB pickle of `torch.ones(1).expand(10**7, 10**6)` would otherwise make every
+    later pass walk 1e13 elements). Checked from sizes and strides alone, before any value is read."""
+    if tensor.numel() == 0 or tensor.device.type == "meta":
+        return
+    storage = tensor.untyped_storage().nbytes() // tensor.element_size()
+    last = tensor.storage_offset() + sum((n - 1) * st for n, st in zip(tensor.shape, tensor.stride()))
+    if any(st < 0 for st in tensor.stride()) or last >= storage or tensor.numel() > storage:
+        raise CheckpointError(
+            f"{source}: {key!r} claims {tuple(tensor.shape)} = {tensor.numel():,} values (strides "
+            f"{tuple(tensor.stride())}) over a storage of {storage:,}; weights are stored one value per element. "
+            "The file is damaged or crafted."
+        )
+
+
 def check_tensor(key: str, tensor: torch.Tensor, source: Any) -> None:
+    check_storage(key, tensor, source)
     if not tensor.is_floating_point():
         if key.endswith(INDEX_BUFFER_SUFFIXES) and not tensor.is_complex():
             return
