@@ -343,6 +343,7 @@ def _upscale(args) -> int:
             try:
                 with Image.open(path) as img:
                     img.load()
+                    icc = img.info.get("icc_profile")
                     generator = torch.Generator().manual_seed(args.seed)
                     source = img if args.long_side is None else resize_to_long_side(img, args.upscale, args.long_side)
                     output = pipe(
@@ -357,7 +358,8 @@ def _upscale(args) -> int:
                 failures += 1
                 tqdm.write(f"skipped {path}: {err}", file=sys.stderr)
                 continue
-            output.images[0].save(args.output / f"{path.stem}.png")
+            # the input's colour profile travels with the pixels (they are in its colour space)
+            output.images[0].save(args.output / f"{path.stem}.png", icc_profile=icc)
             if args.save_prompts:
                 (args.output / f"{path.stem}.txt").write_text((output.prompts[0] or "") + "\n", encoding="utf-8")
             done += 1

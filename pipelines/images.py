@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 import PIL.Image
+import PIL.ImageOps
 import torch
 import torch.nn.functional as F
 
@@ -75,7 +76,8 @@ def _shape_sizes(image: Any) -> list[tuple[int, int]] | None:
         sizes = [_shape_sizes(item) for item in image]
         return None if not sizes or any(s is None for s in sizes) else [hw for s in sizes for hw in s]
     if isinstance(image, PIL.Image.Image):
-        return [(image.height, image.width)]
+        swap = exif_orientation(image) in SWAPPING_ORIENTATIONS
+        return [(image.width, image.height) if swap else (image.height, image.width)]
     if isinstance(image, np.ndarray):
         shape = image.shape
         if image.ndim == 4:
@@ -91,9 +93,33 @@ def _shape_sizes(image: Any) -> list[tuple[int, int]] | None:
     return None
 
 
+# Pillow modes that carry an alpha band (by what the mode is: "LAB" has a band named "A" that is not alpha)
+ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+# EXIF orientations that swap width and height (transpose, rotate 90/270, transverse)
+SWAPPING_ORIENTATIONS = (5, 6, 7, 8)
+EXIF_ORIENTATION_TAG = 0x0112
+
+
+def exif_orientation(img: PIL.Image.Image) -> int:
+    try:
+        value = img.getexif().get(EXIF_ORIENTATION_TAG, 1)
+    except (OSError, ValueError, SyntaxError):  # a damaged EXIF block reads as "no orientation"
+        return 1
+    return value if isinstance(value, int) and 1 <= value <= 8 else 1
+
+
 def _from_pil(img: PIL.Image.Image) -> LQImage:
     if img.width < 1 or img.height < 1:
         raise ImageInputError(f"image has no pixels (size {img.size})")
+    frames = getattr(img, "n_frames", 1)
+    if getattr(img, "is_animated", False) and frames > 1:
+        raise ImageInputError(
+            f"animated image with {frames} frames: only still images are upscaled (upscaling the first frame alone "
+            "would silently drop the rest); extract the frames (e.g. ImageSequence) and pass them as a list"
+        )
+    if exif_orientation(img) != 1:
+        # upright as every viewer shows it; pass np.asarray(img) to keep the stored orientation
+        img = PIL.ImageOps.exif_transpose(img)
     mode = img.mode
     if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         arr = np.asarray(img)
@@ -102,7 +128,12 @@ def _from_pil(img: PIL.Image.Image) -> LQImage:
     if mode == "P":
         img = img.convert("RGBA" if "transparency" in img.info else "RGB")
     elif mode not in ("RGB", "RGBA", "L", "LA"):
-        img = img.convert("RGBA" if "A" in mode else "RGB")
+        try:
+            img = img.convert("RGBA" if mode in ALPHA_MODES else "RGB")
+        except ValueError as err:
+            raise ImageInputError(
+                f"images of mode {mode} cannot be converted to RGB here ({err}); save as RGB"
+            ) from None
     alpha = None
     if img.mode in ("RGBA", "LA"):
         alpha = _hwc_to_nchw(np.asarray(img.getchannel("A"), dtype=np.float32)[..., None] / 255.0)
@@ -135,6 +166,10 @@ def _from_numpy(arr: np.ndarray) -> list[LQImage]:
 
 
 def _from_tensor(t: torch.Tensor) -> list[LQImage]:
+    if t.device.type == "meta":
+        raise ImageInputError("the image tensor is on the meta device (it has a shape but no values)")
+    if t.layout != torch.strided:
+        raise ImageInputError(f"sparse image tensors ({t.layout}) are not supported: pass tensor.to_dense()")
     t = t.detach().cpu()
     if t.ndim == 4:
         if t.shape[0] == 0:
