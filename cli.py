@@ -44,7 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
         default="",
         help="text prompt for the denoiser (default: empty); with a tagger it follows the tags: 'TAGS, PROMPT,'",
     )
-    up.add_argument("--save-prompts", action="store_true", help="write each image's prompt to OUTPUT/<name>.txt")
+    up.add_argument("--save-prompts", action="store_true", help="write each image's prompt beside it (<name>.txt)")
+    up.add_argument(
+        "--overwrite", action="store_true", help="replace existing outputs (default: skip inputs whose output exists)"
+    )
     up.add_argument(
         "--latent-sampling",
         default="mode",
@@ -161,15 +164,87 @@ def missing_weights_message(base: Path, weights: Path) -> str | None:
 
 
 def collect_inputs(paths: list[Path]) -> list[Path]:
-    files: list[Path] = []
+    """Image files: files as given, folders searched recursively, each folder in sorted order."""
+    return [source for source, _ in collect_sources(paths)]
+
+
+def collect_sources(paths: list[Path]) -> list[tuple[Path, Path | None]]:
+    """(file, the folder root it was found under, or None for a file given directly)."""
+    found: list[tuple[Path, Path | None]] = []
     for path in paths:
         if path.is_dir():
-            files.extend(sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES))
+            files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            found.extend((f, path) for f in files)
         elif path.is_file():
-            files.append(path)
+            found.append((path, None))
         else:
             raise FileNotFoundError(f"input not found: {path}")
-    return files
+    return found
+
+
+def plan_outputs(sources: list[tuple[Path, Path | None]], out: Path) -> list[tuple[Path, Path]]:
+    """(input, output PNG) pairs, mirroring the inputs' folders under `out`:
+
+    - files under one folder root keep their relative path (`in/a/x.jpg` -> `out/a/x.png`); with several folder
+      roots each is mirrored under its own name (`out/in1/...`, `out/in2/...`; a repeated name gets `-2`, `-3`);
+      files given directly go to `out/<name>.png`;
+    - inputs that would still share an output (`x.png` and `x.jpg` in one folder) keep their own suffix in the
+      name: `x.png.png`, `x.jpg.png`. No two inputs ever write the same file.
+    """
+    roots = list(dict.fromkeys(root for _, root in sources if root is not None))
+    prefixes: dict[Path, Path] = {}
+    if len(roots) > 1:
+        used: dict[str, int] = {}
+        for root in roots:
+            name = root.resolve().name or "input"
+            used[name] = used.get(name, 0) + 1
+            prefixes[root] = Path(name if used[name] == 1 else f"{name}-{used[name]}")
+    else:
+        prefixes = {root: Path() for root in roots}
+    relative = [
+        prefixes[root] / source.relative_to(root) if root is not None else Path(source.name) for source, root in sources
+    ]
+    targets = [rel.with_suffix(".png") for rel in relative]
+    counts: dict[Path, int] = {}
+    for t in targets:
+        counts[t] = counts.get(t, 0) + 1
+    planned = [out / (rel.with_name(rel.name + ".png") if counts[t] > 1 else t) for rel, t in zip(relative, targets)]
+    if len(set(planned)) != len(planned):  # e.g. "x.png" given twice: refuse rather than overwrite
+        dupes = sorted({str(p) for p in planned if planned.count(p) > 1})
+        raise ValueError(f"several inputs would write {dupes[0]}; give each input once")
+    return [(source, target) for (source, _), target in zip(sources, planned)]
+
+
+def check_output_folder(out: Path, paths: list[Path]) -> str | None:
+    """What makes `out` unusable for every image (checked before the model loads), or None."""
+    if out.exists() and not out.is_dir():
+        return f"-o {out} is an existing file, not a folder"
+    resolved = out.resolve()
+    for path in paths:
+        if path.is_dir() and (resolved == path.resolve() or resolved.is_relative_to(path.resolve())):
+            return (
+                f"-o {out} is inside the input folder {path}: outputs could overwrite inputs or be read as inputs "
+                "on the next run; choose an output folder outside the inputs"
+            )
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".onestep_sr_write_test_"):
+            pass
+    except OSError as err:
+        return f"cannot write to the output folder {out}: {err}"
+    return None
+
+
+def write_png_atomically(image, target: Path, **save_kwargs) -> None:
+    """Write to a temporary name beside the target, then rename: an interrupted run never leaves a truncated file."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.partial")
+    try:
+        image.save(tmp, format="PNG", **save_kwargs)
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -291,6 +366,7 @@ def _upscale(args) -> int:
     from .pipelines.images import ImageInputError, resize_to_long_side
     from .pipelines.loading import CheckpointError
     from .pipelines.methods import detect_method, load_pipeline
+    from .pipelines.tiling.memory import InsufficientMemoryError
 
     demo_dir = None
     if args.demo:
@@ -309,15 +385,33 @@ def _upscale(args) -> int:
             print(message, file=sys.stderr)
             return 2
     try:
-        inputs = collect_inputs(args.inputs)
+        sources = collect_sources(args.inputs)
     except FileNotFoundError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    if not inputs and args.demo:
-        inputs = [_write_demo_input(Path(demo_dir.name))]
-    if not inputs:
+    if not sources and args.demo:
+        sources = [(_write_demo_input(Path(demo_dir.name)), None)]
+    if not sources:
         print("error: no input images given (files or folders with .png/.jpg/...)", file=sys.stderr)
         return 2
+    # problems that concern every image are refused before the model loads
+    problem = check_output_folder(args.output, args.inputs)
+    if problem is None:
+        try:
+            jobs = plan_outputs(sources, args.output)
+        except ValueError as err:
+            problem = str(err)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
+    inputs = {source.resolve() for source, _ in jobs}
+    if any(target.resolve() in inputs for _, target in jobs):
+        print("error: an output would overwrite an input; choose another -o", file=sys.stderr)
+        return 2
+    skipped = [(s, t) for s, t in jobs if t.is_file() and not args.overwrite]
+    jobs = [(s, t) for s, t in jobs if args.overwrite or not t.is_file()]
+    if skipped:
+        print(f"{len(skipped)} output(s) exist already and are kept (--overwrite replaces them)", file=sys.stderr)
     try:
         method, _ = detect_method(weights, args.method)
         tagger = None if args.demo else _tagger_for(args, method)
@@ -335,11 +429,13 @@ def _upscale(args) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     pipe.set_progress_bar_config(disable=True)
-    args.output.mkdir(parents=True, exist_ok=True)
-    failures = 0
-    done = 0
+    failures, done = 0, 0
     try:
-        for path in tqdm(inputs, desc="upscaling", unit="img"):
+        for path, target in tqdm(jobs, desc="upscaling", unit="img"):
+            if target.is_dir():
+                failures += 1
+                tqdm.write(f"skipped {path}: its output {target} is a folder", file=sys.stderr)
+                continue
             try:
                 with Image.open(path) as img:
                     img.load()
@@ -354,19 +450,22 @@ def _upscale(args) -> int:
                         latent_sampling=args.latent_sampling,
                         generator=generator,
                     )
-            except (ImageInputError, OSError, ValueError) as err:
+                # the input's colour profile travels with the pixels (they are in its colour space)
+                write_png_atomically(output.images[0], target, icc_profile=icc)
+                if args.save_prompts:
+                    target.with_suffix(".txt").write_text((output.prompts[0] or "") + "\n", encoding="utf-8")
+            except (ImageInputError, InsufficientMemoryError, Image.DecompressionBombError, OSError, ValueError) as err:
                 failures += 1
                 tqdm.write(f"skipped {path}: {err}", file=sys.stderr)
                 continue
-            # the input's colour profile travels with the pixels (they are in its colour space)
-            output.images[0].save(args.output / f"{path.stem}.png", icc_profile=icc)
-            if args.save_prompts:
-                (args.output / f"{path.stem}.txt").write_text((output.prompts[0] or "") + "\n", encoding="utf-8")
             done += 1
     except KeyboardInterrupt:
-        print(f"\ninterrupted: {done} of {len(inputs)} images written to {args.output}", file=sys.stderr)
+        print(f"\ninterrupted: {done} of {len(jobs)} images written to {args.output}", file=sys.stderr)
         return 130
-    print(f"wrote {done} image(s) to {args.output}" + (f", {failures} failed" if failures else ""))
+    summary = f"wrote {done} image(s) to {args.output}"
+    summary += f", {len(skipped)} kept (already there)" if skipped else ""
+    summary += f", {failures} failed" if failures else ""
+    print(summary)
     return 1 if failures else 0
 
 

@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from onestep_sr import OneStepSRPipeline, load_pipeline
@@ -143,3 +144,74 @@ def test_long_side_resizes_each_input_first(tmp_path, parity_cases):
     pipe.set_progress_bar_config(disable=True)
     expected = pipe(small, upscale=2).images[0]
     np.testing.assert_array_equal(np.asarray(written), np.asarray(expected))
+
+
+# ------------------------------------------------------------------ the CLI never loses data
+
+
+def small_png(path, seed=0, size=(12, 10)):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def run_cli(inputs, out, *extra):
+    return main(["upscale", *map(str, inputs), "-o", str(out), "--base", str(BASE), "--weights", str(WEIGHTS),
+                 "--dtype", "fp32", "--upscale", "1", *extra])  # fmt: skip
+
+
+def test_output_inside_the_inputs_or_a_file_is_refused_before_loading(tmp_path, monkeypatch, capsys):
+    import onestep_sr.pipelines.methods as methods
+
+    monkeypatch.setattr(methods, "load_pipeline", lambda *a, **k: pytest.fail("the model loaded first"))
+    small_png(tmp_path / "in" / "x.png")
+    for out in (tmp_path / "in", tmp_path / "in" / "sub"):
+        assert run_cli([tmp_path / "in"], out) == 2
+        assert "inside the input folder" in capsys.readouterr().err
+    (tmp_path / "file.png").write_bytes(b"x")
+    assert run_cli([tmp_path / "in"], tmp_path / "file.png") == 2
+    assert "is an existing file, not a folder" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "in").rglob("*")) == ["x.png"], "the inputs were touched"
+
+
+def test_outputs_mirror_the_inputs_and_never_collide(tmp_path):
+    small_png(tmp_path / "in" / "a" / "x.png", 1)
+    small_png(tmp_path / "in" / "a" / "x.jpg", 2)
+    small_png(tmp_path / "in" / "b" / "y.png", 3)
+    assert run_cli([tmp_path / "in"], tmp_path / "out") == 0
+    written = sorted(str(p.relative_to(tmp_path / "out")) for p in (tmp_path / "out").rglob("*.png"))
+    assert written == ["a/x.jpg.png", "a/x.png.png", "b/y.png"]
+    small_png(tmp_path / "in1" / "x.png", 4)
+    small_png(tmp_path / "in2" / "x.png", 5)
+    assert run_cli([tmp_path / "in1", tmp_path / "in2"], tmp_path / "out2") == 0
+    written = sorted(str(p.relative_to(tmp_path / "out2")) for p in (tmp_path / "out2").rglob("*.png"))
+    assert written == ["in1/x.png", "in2/x.png"]
+    a, b = (np.asarray(Image.open(tmp_path / "out2" / d / "x.png")) for d in ("in1", "in2"))
+    assert not np.array_equal(a, b), "one input's output replaced the other's"
+
+
+def test_existing_outputs_are_kept_unless_overwrite(tmp_path, capsys):
+    small_png(tmp_path / "in" / "x.png")
+    out = tmp_path / "out"
+    (out).mkdir()
+    (out / "x.png").write_bytes(b"mine")
+    assert run_cli([tmp_path / "in"], out) == 0
+    assert (out / "x.png").read_bytes() == b"mine"
+    assert "wrote 0 image(s)" in capsys.readouterr().out
+    assert run_cli([tmp_path / "in"], out, "--overwrite") == 0
+    assert Image.open(out / "x.png").size == (12, 10)
+    assert not list(out.rglob("*.partial")), "a temporary file was left behind"
+
+
+def test_per_image_failures_never_end_the_batch(tmp_path, monkeypatch, capsys):
+    small_png(tmp_path / "in" / "a.png", 1)
+    small_png(tmp_path / "in" / "bomb.png", 2, size=(64, 64))
+    small_png(tmp_path / "in" / "c.png", 3)
+    (tmp_path / "out" / "c.png").mkdir(parents=True)  # the output target is a folder
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 64 x 64 > 2 x 1000: a decompression bomb
+    assert run_cli([tmp_path / "in"], tmp_path / "out") == 1
+    captured = capsys.readouterr()
+    assert "skipped" in captured.err and "bomb.png" in captured.err
+    assert "wrote 1 image(s)" in captured.out and "2 failed" in captured.out
+    assert (tmp_path / "out" / "a.png").is_file() and (tmp_path / "out" / "c.png").is_dir()
