@@ -136,7 +136,7 @@ class OneStepSRBase(DiffusionPipeline, abc.ABC):
         match their configs, finite, config values in range (see loading/validation.py). Never downloads, never
         imports custom code."""
         from .loading.files import CheckpointError
-        from .loading.validation import check_pipeline_folder, load_component
+        from .loading.validation import check_pipeline_folder, check_text_components, load_component
 
         for refused in ("custom_pipeline", "trust_remote_code", "custom_revision"):
             if kwargs.get(refused):
@@ -155,6 +155,7 @@ class OneStepSRBase(DiffusionPipeline, abc.ABC):
         except (OSError, ValueError, RuntimeError, KeyError) as err:
             raise CheckpointError(f"{folder}: could not be loaded as a {cls.__name__}: {err}") from err
         pipe.check_config(folder)  # (each component's weights were checked as it was loaded)
+        check_text_components(pipe, folder)
         return pipe
 
     def check_config(self, source: Any) -> None:

@@ -286,3 +286,40 @@ def test_a_broadcast_view_cannot_hang_the_loader(tmp_path, key):
 
     torch.save({"w": torch.randn(4, 5).t()}, tmp_path / "t.pkl")
     assert read_weights(tmp_path / "t.pkl")["w"].shape == (5, 4)
+
+
+@pytest.mark.parametrize(
+    ("where", "changes", "message"),
+    [
+        ("unet/config.json", {"layers_per_block": 200000}, r"layers_per_block=200000: more than 1000 layers"),
+        ("text_encoder/config.json", {"num_hidden_layers": 100000}, r"num_hidden_layers=100000: more than 1000"),
+        ("unet/config.json", {"norm_num_groups": 0}, r"norm_num_groups=0: must be >= 1"),
+        ("unet/config.json", {"layers_per_block": 3}, r"implies [\d,]+ parameters but the weights hold [\d,]+"),
+        ("scheduler/scheduler_config.json", {"beta_start": 0.02, "beta_end": 0.001}, "beta_start=0.02 > beta_end"),
+        ("scheduler/scheduler_config.json", {"beta_end": 1.5}, r"beta_end=1.5; expected a number in \(0, 1\)"),
+        ("scheduler/scheduler_config.json", {"prediction_type": "noise"}, "prediction_type='noise'"),
+        ("model_index.json", {"text_encoder": ["transformers", "CLIPTokenizer"]}, "is a CLIPTokenizer, not a transf"),
+    ],
+    ids=["layers", "hidden-layers", "groups-0", "config-vs-weights", "betas-order", "beta-range", "prediction",
+         "tokenizer-as-encoder"],
+)  # fmt: skip
+def test_configs_that_would_fail_later_are_refused_at_load(folder, where, changes, message):
+    """Absurd or inconsistent configs are refused from the config alone (before anything is built from it), and
+    components that would only fail at their first call fail at load."""
+    import time
+
+    edit_json(folder / where, **changes)
+    start = time.monotonic()
+    with pytest.raises(CheckpointError, match=message):
+        OneStepSRPipeline.from_pretrained(folder)
+    assert time.monotonic() - start < 30
+
+
+def test_a_tokenizer_larger_than_its_text_encoder_is_refused(folder):
+    path = folder / "tokenizer" / "tokenizer.json"
+    data = json.loads(path.read_text())
+    vocab = data["model"]["vocab"]
+    vocab.update({f"extra{i}</w>": len(vocab) + i for i in range(2000)})
+    path.write_text(json.dumps(data))
+    with pytest.raises(CheckpointError, match=r"tokenizer has \d+ tokens but text_encoder embeds only \d+"):
+        OneStepSRPipeline.from_pretrained(folder)

@@ -38,6 +38,12 @@ INDEX_BUFFER_SUFFIXES = ("relative_position_index", "position_ids")
 # Config integers whose name says they size a layer: beyond this they are a crafted or broken config.
 SIZE_KEY = re.compile(r"(channels|_dim$|dims|layers|heads|_size$|embeddings|groups|vocab)")
 MAX_CONFIG_SIZE = 1 << 20
+# Config integers that count layers or blocks: real models have tens; thousands only build slowly into nothing.
+LAYER_KEY = re.compile(r"(layers|depths?$|_blocks$)")
+MAX_LAYERS = 1000
+# Config integers that a layer divides by: 0 or negative fails deep inside a constructor or at the first call.
+DIVISOR_KEYS = ("norm_num_groups", "attention_head_dim", "num_attention_heads", "num_heads", "patch_size", "heads")
+SCHEDULER_PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "flow_prediction")
 MAX_TRAIN_TIMESTEPS = 100_000
 MAX_TOKENIZER_LENGTH = 1 << 16
 # Where model_index.json may point: these libraries, and this package's own component classes.
@@ -124,6 +130,7 @@ def check_pipeline_weights(pipe: Any, source: Any) -> None:
     for name, component in pipe.components.items():
         if isinstance(component, torch.nn.Module):
             check_module_weights(component, f"{source} ({name})")
+    check_text_components(pipe, source)
 
 
 # ---------------------------------------------------------------------------- paths
@@ -190,10 +197,35 @@ def check_config(config: Mapping[str, Any], source: Any) -> None:
                     f"{source}: config {key}={value!r}; expected a finite number"
                     + (" > 0 (latents are divided by it)" if key == "scaling_factor" else "")
                 )
+        if LAYER_KEY.search(key) and any(_is_int(v) and v > MAX_LAYERS for v in values):
+            raise CheckpointError(
+                f"{source}: config {key}={value!r}: more than {MAX_LAYERS} layers/blocks; real models have tens. "
+                "The config is damaged or crafted (building it would take very long and fit no weights)"
+            )
+        if key in DIVISOR_KEYS and any(_is_int(v) and v < 1 for v in values):
+            raise CheckpointError(f"{source}: config {key}={value!r}: must be >= 1 (layers divide by it)")
+        if key in ("beta_start", "beta_end") and not (isinstance(value, (int, float)) and 0 < value < 1):
+            raise CheckpointError(f"{source}: scheduler {key}={value!r}; expected a number in (0, 1)")
+        if key == "trained_betas" and value is not None:
+            betas = list(values)
+            ok = all(isinstance(b, (int, float)) and 0 < b < 1 for b in betas) and betas == sorted(betas)
+            if not ok:
+                raise CheckpointError(f"{source}: scheduler trained_betas must rise within (0, 1)")
+        if key == "prediction_type" and value not in SCHEDULER_PREDICTION_TYPES:
+            raise CheckpointError(
+                f"{source}: scheduler prediction_type={value!r}; expected one of {SCHEDULER_PREDICTION_TYPES}"
+            )
         if key == "num_train_timesteps" and not (_is_int(value) and 1 <= value <= MAX_TRAIN_TIMESTEPS):
             raise CheckpointError(f"{source}: config num_train_timesteps={value!r}; expected 1..{MAX_TRAIN_TIMESTEPS}")
         if key == "model_max_length" and not (_is_int(value) and 1 <= value <= MAX_TOKENIZER_LENGTH):
             raise CheckpointError(f"{source}: tokenizer model_max_length={value!r}; expected 1..{MAX_TOKENIZER_LENGTH}")
+
+
+def check_scheduler_config(config: Mapping[str, Any], source: Any) -> None:
+    check_config(config, source)
+    start, end = config.get("beta_start"), config.get("beta_end")
+    if isinstance(start, (int, float)) and isinstance(end, (int, float)) and start > end:
+        raise CheckpointError(f"{source}: scheduler beta_start={start} > beta_end={end}; betas must rise")
 
 
 def check_timestep(value: Any, low: float, high: float, source: Any, inclusive_high: bool = False) -> None:
@@ -216,6 +248,23 @@ def safetensors_header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
             return {k: (f.get_slice(k).get_dtype(), tuple(f.get_slice(k).get_shape())) for k in f.keys()}  # noqa: SIM118
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
         raise CheckpointError(f"{path}: not a readable safetensors file (truncated or corrupted?): {err}") from err
+
+
+def parameters_implied(model_cls: type, config: Mapping[str, Any], source: Any) -> int:
+    """The parameter count a config builds, from a model built on the meta device (nothing allocated)."""
+    from diffusers import ModelMixin
+
+    try:
+        with torch.device("meta"):
+            if issubclass(model_cls, ModelMixin):
+                model = model_cls.from_config(dict(config))
+            else:
+                model = model_cls(model_cls.config_class.from_dict(dict(config)))
+    except CheckpointError:
+        raise
+    except Exception as err:  # a config the constructor rejects is the file's fault
+        raise CheckpointError(f"{source}: config.json does not make a valid {model_cls.__name__}: {err}") from err
+    return sum(p.numel() for p in model.parameters())
 
 
 def component_weight_files(folder: Path) -> list[Path]:
@@ -247,7 +296,7 @@ def check_model_folder(folder: Path, model_cls: type, dtype: torch.dtype | None 
         raise CheckpointError(f"{folder}: missing (expected a {model_cls.__name__} folder)")
     config = read_json(folder / "config.json")
     check_config(config, folder / "config.json")
-    size = 0
+    size, stored = 0, 0
     for path in component_weight_files(folder):
         for key, (dtype_name, shape) in safetensors_header(path).items():
             if dtype_name not in SAFETENSORS_DTYPES and not key.endswith(INDEX_BUFFER_SUFFIXES):
@@ -255,7 +304,14 @@ def check_model_folder(folder: Path, model_cls: type, dtype: torch.dtype | None 
                     f"{path}: {key!r} is stored as {dtype_name}; weights must be fp32, fp16 or bf16 (F32/F16/BF16)"
                 )
             size += math.prod(shape) * (dtype or SAFETENSORS_DTYPES.get(dtype_name, torch.float32)).itemsize
+            stored += math.prod(shape)
     check_weights_fit(folder, size)
+    implied = parameters_implied(model_cls, config, folder)
+    if implied > stored * 1.01 + 1024:
+        raise CheckpointError(
+            f"{folder}: config.json implies {implied:,} parameters but the weights hold {stored:,}; the config does "
+            "not belong to these weights (or is crafted), so nothing is built from it"
+        )
 
 
 def check_weights_fit(folder: Path, size: int) -> None:
@@ -300,11 +356,53 @@ def check_pipeline_folder(folder: str | os.PathLike, pipeline_cls: type) -> tupl
             continue
         library, cls_name = entry
         component_cls = resolve_component_class(root, name, library, cls_name)
+        check_component_role(root, name, component_cls)
         path = inside(root, name)
         if not path.is_dir():
             raise CheckpointError(f"{root}: component {name!r} is listed in model_index.json but {path} is missing")
         components[name] = component_cls  # its files are checked by load_component
     return root, components
+
+
+def check_component_role(root: Path, name: str, component_cls: type) -> None:
+    """A component's class fits its role (a tokenizer class listed as text_encoder would fail at the first call)."""
+    from diffusers import ModelMixin
+    from diffusers.configuration_utils import ConfigMixin
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    roles = {
+        "text_encoder": (PreTrainedModel, "a transformers model"),
+        "tokenizer": (PreTrainedTokenizerBase, "a transformers tokenizer"),
+        "scheduler": (ConfigMixin, "a diffusers scheduler"),
+        "unet": (ModelMixin, "a diffusers model"),
+        "vae": (ModelMixin, "a diffusers model"),
+        "transformer": (ModelMixin, "a diffusers model"),
+    }
+    role = re.sub(r"_\d+$", "", name)
+    if role in roles and not issubclass(component_cls, roles[role][0]):
+        raise CheckpointError(
+            f"{root}: component {name!r} is a {component_cls.__name__}, not {roles[role][1]}; model_index.json is "
+            "damaged or crafted"
+        )
+
+
+def check_text_components(pipe: Any, source: Any) -> None:
+    """Each tokenizer has an unknown token and no token id beyond its text encoder's vocabulary (either would only
+    fail at the first prompt)."""
+    for suffix in ("", "_2", "_3"):
+        tokenizer, encoder = getattr(pipe, f"tokenizer{suffix}", None), getattr(pipe, f"text_encoder{suffix}", None)
+        if tokenizer is None or encoder is None:
+            continue
+        if getattr(tokenizer, "unk_token", None) is None:
+            raise CheckpointError(
+                f"{source}: tokenizer{suffix} has no unknown token; text outside its vocabulary fails"
+            )
+        vocab = getattr(encoder.config, "vocab_size", None)
+        if isinstance(vocab, int) and len(tokenizer) > vocab:
+            raise CheckpointError(
+                f"{source}: tokenizer{suffix} has {len(tokenizer)} tokens but text_encoder{suffix} embeds only "
+                f"{vocab}; token ids beyond the vocabulary would fail at the first prompt"
+            )
 
 
 def resolve_component_class(root: Path, name: str, library: Any, cls_name: Any) -> type:
@@ -337,7 +435,7 @@ def check_component(root: Path, path: Path, component_cls: type, dtype: torch.dt
         check_model_folder(path, component_cls, dtype)
     elif issubclass(component_cls, ConfigMixin):  # schedulers
         for config in path.glob("*.json"):
-            check_config(read_json(config), config)
+            check_scheduler_config(read_json(config), config)
     else:  # tokenizers
         config = path / "tokenizer_config.json"
         if config.is_file():
