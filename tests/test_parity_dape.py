@@ -216,3 +216,16 @@ def test_wrong_files_are_clear_errors(tmp_path):
     evil.write_bytes(pickle.dumps({"model": Payload()}))
     with pytest.raises(CheckpointError, match="refused to load"):
         load_tagger(evil)
+
+
+def test_head_config_sets_the_head_count(tmp_path, tagger, cases):
+    """The head count is not visible in the weights: q2l_config.json (or its values) sets it; 4 is the release's."""
+    case = cases[0]
+    (tmp_path / "q2l_config.json").write_text(json.dumps({"hidden_size": 768, "num_attention_heads": 4}))
+    from_file = load_tagger(BASE, LORA, head_config=tmp_path / "q2l_config.json")
+    assert torch.equal(from_file.logits(case.ram_input), tagger.logits(case.ram_input))
+    two = load_tagger(BASE, LORA, head_config={"num_attention_heads": 2})
+    assert two.config.head_heads == 2 and max_diff(two.logits(case.ram_input), tagger.logits(case.ram_input)) > 1e-3
+    for bad in ({"num_attention_heads": 0}, {"num_attention_heads": 3}):
+        with pytest.raises(CheckpointError, match="num_attention_heads|not divisible"):
+            load_tagger(BASE, LORA, head_config=bad)

@@ -101,12 +101,27 @@ def tagging_state(state: dict[str, Any], path: str | os.PathLike) -> dict[str, t
     }
 
 
+def head_count(head_config: str | os.PathLike | dict | None) -> int | None:
+    """num_attention_heads from a q2l_config.json path or a dict of its values (None: not given)."""
+    if head_config is None:
+        return None
+    values = head_config if isinstance(head_config, dict) else read_json(Path(head_config))
+    heads = values.get("num_attention_heads")
+    if isinstance(heads, bool) or not isinstance(heads, int) or not 1 <= heads <= 1024:
+        raise CheckpointError(f"{head_config}: num_attention_heads={heads!r}; expected a whole number 1..1024")
+    return heads
+
+
 def build_tagger(state: dict[str, torch.Tensor], path: str | os.PathLike, **config: Any) -> RAMTagger:
     for name, t in state.items():
         if not t.is_floating_point():
             raise CheckpointError(f"{path}: {name} is {t.dtype}; tagger weights must be floating point")
-    dims = config_from_state(state, path)
-    tagger = build_from_state(lambda: RAMTagger(**dims, **config), path, "tagger")
+    dims = {**config_from_state(state, path), **config}
+    if dims["head_hidden"] % dims["head_heads"]:
+        raise CheckpointError(
+            f"{path}: the tagging head's width {dims['head_hidden']} is not divisible by {dims['head_heads']} heads"
+        )
+    tagger = build_from_state(lambda: RAMTagger(**dims), path, "tagger")
     fit_state(tagger, state, path, "tagger weights")
     return tagger
 
@@ -167,6 +182,7 @@ def load_tagger(
     dtype: Any = None,
     device: Any = None,
     antialias: bool = False,
+    head_config: str | os.PathLike | dict | None = None,
 ) -> RAMTagger:
     """The DAPE tagger from the official RAM base (+ the DAPE LoRA, merged), or from a converted folder or file.
 
@@ -176,14 +192,18 @@ def load_tagger(
         dtype / device: as `load_pipeline` (None: fp32 on the CPU).
         antialias: resize with antialiasing in `preprocess` (better on large inputs; differs from the official
             output, which resized without it). Stored in the tagger's config.
+        head_config: the tagging head's BERT config, which the weights cannot show its attention head count: the
+            official `q2l_config.json` (a path) or its values (`{"num_attention_heads": 4}`). Default: the released
+            RAM's 4 heads. (A converted folder records its own.)
     """
     path = Path(base)
+    heads = head_count(head_config)
     with checkpoint_errors(path, "a RAM tagger"):
-        tagger = (
-            _load_converted_folder(path)
-            if path.is_dir()
-            else build_tagger(tagging_state(read_weights(path), path), path)
-        )
+        if path.is_dir():
+            tagger = _load_converted_folder(path)
+        else:
+            extra = {} if heads is None else {"head_heads": heads}
+            tagger = build_tagger(tagging_state(read_weights(path), path), path, **extra)
     if lora is not None:
         with checkpoint_errors(lora, "a DAPE LoRA"):
             lora_state = read_weights(lora)
