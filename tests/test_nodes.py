@@ -619,8 +619,9 @@ def test_target_long_side_resizes_the_input_first(nodes, osediff_node_pipe):
 
 @pytest.mark.parametrize("name", sorted(workflow_graphs()))
 def test_template_thumbnails_are_the_workflows_results(comfy, name):
-    """workflows/<name>.jpg (what ComfyUI's template browser shows) is that workflow's run on the thumbnail input
-    (demo models), input left / output right; a stale or hand-made picture fails."""
+    """workflows/<name>.jpg (what ComfyUI's template browser shows) is made by running that workflow on the
+    thumbnail input (demo models): the input left, and on the right an honest panel (random demo weights give noise,
+    which must not pass for the method's output); a stale or hand-made picture fails."""
     from workflow_tools import THUMBNAIL_INPUT_SIZE, THUMBNAIL_QUALITY, thumbnail_of
 
     api = json.loads((WORKFLOWS / "api" / f"{name}.json").read_text())

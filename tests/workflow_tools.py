@@ -278,9 +278,12 @@ def thumbnail_input() -> Image.Image:
     return source.resize(THUMBNAIL_INPUT_SIZE, Image.BICUBIC)
 
 
-def thumbnail_of(api: dict, input_dir: Path) -> Image.Image:
-    """Run an API workflow (stand-in ComfyUI, installed models) on thumbnail_input(); the picture shows the input
-    (nearest-neighbour enlarged) on the left half and the workflow's output on the right half."""
+def thumbnail_of(api: dict, input_dir: Path, real_weights: bool = False) -> Image.Image:
+    """Run an API workflow (stand-in ComfyUI, installed models) on thumbnail_input(). The picture shows the input
+    (nearest-neighbour enlarged) on the left half; on the right half the workflow's output when it ran with real
+    weights (`real_weights`), else an honest panel saying the output needs them: the demo models' random weights
+    produce noise, which must never pass for a method's result. The run happens either way (the workflow must work
+    and produce an output of the thumbnail's size)."""
     import comfy_harness
 
     thumbnail_input().save(input_dir / "thumbnail_input.png")
@@ -293,25 +296,41 @@ def thumbnail_of(api: dict, input_dir: Path) -> Image.Image:
     after = Image.fromarray(out)
     before = thumbnail_input().resize(after.size, Image.NEAREST)
     half = after.width // 2
-    before.paste(after.crop((half, 0, after.width, after.height)), (half, 0))
+    if real_weights:
+        before.paste(after.crop((half, 0, after.width, after.height)), (half, 0))
+    else:
+        before.paste(no_output_panel((after.width - half, after.height)), (half, 0))
     before.paste((255, 255, 255), (half - 1, 0, half + 1, after.height))  # the dividing line
     return before
 
 
-def write_thumbnails(input_dir: Path, folder: Path = WORKFLOWS) -> list[Path]:
+def no_output_panel(size: tuple[int, int]) -> Image.Image:
+    """A plain panel saying where the output goes (Pillow's built-in bitmap font: the same pixels everywhere)."""
+    from PIL import ImageDraw, ImageFont
+
+    panel = Image.new("RGB", size, (40, 40, 46))
+    draw = ImageDraw.Draw(panel)
+    font = ImageFont.load_default_imagefont()
+    for i, line in enumerate(("output appears", "here with the", "model's weights")):
+        draw.text((8, size[1] // 2 - 22 + 14 * i), line, fill=(220, 220, 220), font=font)
+    return panel
+
+
+def write_thumbnails(input_dir: Path, folder: Path = WORKFLOWS, real_weights: bool = False) -> list[Path]:
     """workflows/<name>.jpg, the template thumbnail ComfyUI shows beside <name>.json (models must be installed)."""
     written = []
     for name in workflow_graphs():
         api = json.loads((folder / "api" / f"{name}.json").read_text())
         path = folder / f"{name}.jpg"
-        thumbnail_of(api, input_dir).save(path, quality=THUMBNAIL_QUALITY)
+        thumbnail_of(api, input_dir, real_weights).save(path, quality=THUMBNAIL_QUALITY)
         written.append(path)
     return written
 
 
 if __name__ == "__main__":
-    # Writes the workflow files, then runs each for its thumbnail: with the demo (tiny, random-weight) models, or
-    # with --models, a ComfyUI models folder holding the real weights under the workflows' file names.
+    # Writes the workflow files, then runs each for its thumbnail: with the demo (tiny, random-weight) models (the
+    # thumbnail then shows the input and an honest "needs the weights" panel), or with --models, a ComfyUI models
+    # folder holding the real weights under the workflows' file names (the thumbnail shows the real output).
     import argparse
     import tempfile
 
@@ -334,5 +353,5 @@ if __name__ == "__main__":
             p.unlink()
         for p in WORKFLOWS.glob("*.jpg"):
             p.unlink()
-        for p in [*build_workflows(), *write_thumbnails(inputs)]:
+        for p in [*build_workflows(), *write_thumbnails(inputs, real_weights=args.models is not None)]:
             print(p)
