@@ -323,3 +323,21 @@ def test_a_tokenizer_larger_than_its_text_encoder_is_refused(folder):
     path.write_text(json.dumps(data))
     with pytest.raises(CheckpointError, match=r"tokenizer has \d+ tokens but text_encoder embeds only \d+"):
         OneStepSRPipeline.from_pretrained(folder)
+
+
+@pytest.mark.parametrize("rank_key", ["rank_unet", "rank_vae"])
+def test_lora_rank_zero_is_a_clear_error(tmp_path, rank_key):
+    state = torch.load(WEIGHTS, weights_only=True)
+    state[rank_key] = 0
+    torch.save(state, tmp_path / "osediff.pkl")
+    with pytest.raises(CheckpointError, match=f"{rank_key}=0; a LoRA rank is a whole number >= 1"):
+        load_pipeline(BASE, tmp_path / "osediff.pkl")
+
+
+def test_lora_factors_of_rank_zero_are_refused():
+    from onestep_sr.pipelines.loading.lora import LoRAWeights, apply_lora
+
+    layer = torch.nn.Linear(4, 3)
+    with pytest.raises(CheckpointError, match="rank 0"):
+        apply_lora(layer, LoRAWeights({"": (torch.zeros(0, 4), torch.zeros(3, 0))}, 1.0), fuse=True,
+                   adapter_name="x", source="w")  # fmt: skip

@@ -111,6 +111,8 @@ def _check_factors(module, name: str, a: torch.Tensor, b: torch.Tensor, source: 
         raise CheckpointError(f"{source}: LoRA target {name!r} is a {type(module).__name__}, not Linear/Conv2d")
     w = module.weight
     rank = a.shape[0]
+    if rank < 1:
+        raise CheckpointError(f"{source}: LoRA for {name!r} has rank 0 (A {tuple(a.shape)}); a rank is >= 1")
     if isinstance(module, nn.Linear):
         expected_a, expected_b = (rank, w.shape[1]), (w.shape[0], rank)
     else:

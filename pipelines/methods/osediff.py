@@ -44,6 +44,9 @@ def parse_osediff(state: dict[str, Any], path: str | os.PathLike = "<weights>") 
         unet_sd, vae_sd = state["state_dict_unet"], state["state_dict_vae"]
     except (KeyError, TypeError, ValueError) as err:
         raise CheckpointError(f"{path}: malformed OSEDiff checkpoint: {err}") from err
+    for key, rank in (("rank_unet", rank_unet), ("rank_vae", rank_vae)):
+        if not 1 <= rank <= 4096:
+            raise CheckpointError(f"{path}: {key}={rank}; a LoRA rank is a whole number >= 1 (the scale divides by it)")
     replacements = {}
     for key, value in unet_sd.items():
         if ".base_layer." in key:  # a fully retrained base layer (conv_in in OSEDiff)
