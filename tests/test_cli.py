@@ -215,3 +215,23 @@ def test_per_image_failures_never_end_the_batch(tmp_path, monkeypatch, capsys):
     assert "skipped" in captured.err and "bomb.png" in captured.err
     assert "wrote 1 image(s)" in captured.out and "2 failed" in captured.out
     assert (tmp_path / "out" / "a.png").is_file() and (tmp_path / "out" / "c.png").is_dir()
+
+
+def test_an_image_too_large_for_memory_is_skipped_not_fatal(tmp_path, monkeypatch, capsys):
+    from onestep_sr.pipelines.pipeline_base import OneStepSRBase
+    from onestep_sr.pipelines.tiling.memory import InsufficientMemoryError
+
+    real = OneStepSRBase.check_memory
+
+    def refuse_large(self, plans):
+        if any(max(p.latent_hw) > 16 for p in plans):  # the 48 px image (the tiny VAE downsamples by 2)
+            raise InsufficientMemoryError("needs 99 GiB, 1 GiB free")
+        return real(self, plans)
+
+    monkeypatch.setattr(OneStepSRBase, "check_memory", refuse_large)
+    small_png(tmp_path / "in" / "big.png", 1, size=(48, 48))
+    small_png(tmp_path / "in" / "small.png", 2, size=(24, 24))
+    assert run_cli([tmp_path / "in"], tmp_path / "out") == 1
+    captured = capsys.readouterr()
+    assert "skipped" in captured.err and "needs 99 GiB" in captured.err and "wrote 1 image(s)" in captured.out
+    assert (tmp_path / "out" / "small.png").is_file() and not (tmp_path / "out" / "big.png").exists()

@@ -4,9 +4,11 @@ shipped heads and workflows, and no test data."""
 from __future__ import annotations
 
 import fnmatch
+import os
 import shutil
 import subprocess
 import sys
+import tarfile
 import zipfile
 from pathlib import Path
 
@@ -77,3 +79,21 @@ def test_wheel_holds_the_package_and_no_tests(tmp_path):
     assert not [n for n in names if "/tests/" in n or n.startswith("tests/")], "test files in the wheel"
     assert {f"onestep_sr/{f}" for f in MUST_SHIP} <= set(names)
     assert wheel.stat().st_size < MAX_DOWNLOAD_BYTES, f"the wheel is {wheel.stat().st_size / 2**20:.1f} MB"
+
+
+def test_sdist_holds_the_package_and_no_tests(tmp_path):
+    from setuptools import build_meta
+
+    cwd = os.getcwd()
+    os.chdir(REPO)
+    try:
+        name = build_meta.build_sdist(str(tmp_path))
+    finally:
+        os.chdir(cwd)
+    sdist = tmp_path / name
+    with tarfile.open(sdist) as archive:
+        names = archive.getnames()
+    root = names[0].split("/")[0]
+    assert not [n for n in names if n.startswith(f"{root}/tests/")], "test files in the sdist"
+    assert {f"{root}/{f}" for f in MUST_SHIP} <= set(names)
+    assert sdist.stat().st_size < MAX_DOWNLOAD_BYTES

@@ -341,3 +341,9 @@ def test_lora_factors_of_rank_zero_are_refused():
     with pytest.raises(CheckpointError, match="rank 0"):
         apply_lora(layer, LoRAWeights({"": (torch.zeros(0, 4), torch.zeros(3, 0))}, 1.0), fuse=True,
                    adapter_name="x", source="w")  # fmt: skip
+
+
+def test_a_tokenizer_without_an_unknown_token_is_refused(folder):
+    edit_json(folder / "tokenizer" / "tokenizer_config.json", unk_token=None)
+    with pytest.raises(CheckpointError, match="tokenizer has no unknown token"):
+        OneStepSRPipeline.from_pretrained(folder)
