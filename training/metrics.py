@@ -1,8 +1,8 @@
 """Validation metrics, defined as BasicSR/most SR papers report them:
 
 - images are 8-bit (values rounded to 0..255), `crop_border` pixels are removed on each side;
-- PSNR and SSIM on the Y channel of ITU-R BT.601 YCbCr (Y = 16 + (65.481 R + 128.553 G + 24.966 B) / 255 ... on
-  0..255 values, i.e. 65.481/255 R + ... + 16 for R, G, B in 0..255 scaled to [0, 1]);
+- PSNR and SSIM on the Y channel of ITU-R BT.601 YCbCr: Y = 16 + 65.481 R + 128.553 G + 24.966 B for R, G, B in
+  [0, 1] (Y in 16..235);
 - PSNR = 10 log10(255^2 / MSE); SSIM: 11x11 Gaussian window (sigma 1.5), K1 0.01, K2 0.03, L 255, valid region
   only (no padding), mean over the map. float64 throughout.
 """
