@@ -163,11 +163,6 @@ def missing_weights_message(base: Path, weights: Path) -> str | None:
     )
 
 
-def collect_inputs(paths: list[Path]) -> list[Path]:
-    """Image files: files as given, folders searched recursively, each folder in sorted order."""
-    return [source for source, _ in collect_sources(paths)]
-
-
 def collect_sources(paths: list[Path]) -> list[tuple[Path, Path | None]]:
     """(file, the folder root it was found under, or None for a file given directly)."""
     found: list[tuple[Path, Path | None]] = []
@@ -233,18 +228,6 @@ def check_output_folder(out: Path, paths: list[Path]) -> str | None:
     except OSError as err:
         return f"cannot write to the output folder {out}: {err}"
     return None
-
-
-def write_png_atomically(image, target: Path, **save_kwargs) -> None:
-    """Write to a temporary name beside the target, then rename: an interrupted run never leaves a truncated file."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.partial")
-    try:
-        image.save(tmp, format="PNG", **save_kwargs)
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -363,7 +346,7 @@ def _upscale(args) -> int:
     from PIL import Image
     from tqdm.auto import tqdm
 
-    from .pipelines.images import ImageInputError, resize_to_long_side
+    from .pipelines.images import ImageInputError, resize_to_long_side, save_png_atomically
     from .pipelines.loading import CheckpointError
     from .pipelines.methods import detect_method, load_pipeline
     from .pipelines.tiling.memory import InsufficientMemoryError
@@ -451,7 +434,7 @@ def _upscale(args) -> int:
                         generator=generator,
                     )
                 # the input's colour profile travels with the pixels (they are in its colour space)
-                write_png_atomically(output.images[0], target, icc_profile=icc)
+                save_png_atomically(output.images[0], target, icc_profile=icc)
                 if args.save_prompts:
                     target.with_suffix(".txt").write_text((output.prompts[0] or "") + "\n", encoding="utf-8")
             except (ImageInputError, InsufficientMemoryError, Image.DecompressionBombError, OSError, ValueError) as err:

@@ -6,8 +6,10 @@ input, padding to the VAE/patch grid and cropping it away, alpha handling and ou
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -334,3 +336,18 @@ def _stack_if_same_size(items: list) -> Any:
     if len({tuple(i.shape) for i in items}) == 1:
         return torch.stack(items) if isinstance(items[0], torch.Tensor) else np.stack(items)
     return items
+
+
+def save_png_atomically(image: PIL.Image.Image, path: str | os.PathLike, **save_kwargs: Any) -> Path:
+    """Write a PNG under a temporary name beside `path`, then rename it: an interrupted write never leaves a
+    truncated file where a complete one is expected."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.partial")
+    try:
+        image.save(tmp, format="PNG", **save_kwargs)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path

@@ -243,7 +243,7 @@ class OneStepSRBase(DiffusionPipeline, abc.ABC):
                     with self.heartbeat(progress.tick):
                         step = self.one_step_from_latents(latents, cond, inputs.noise, inputs.generators[i])
                     progress.advance(units[i][1])
-                    decoded = self.checked_decode(step.clean_latent, step.image, plan, progress.stage(units[i][2]))
+                    decoded = self.decode(step.clean_latent, plan, progress.stage(units[i][2]), decoded=step.image)
                 else:
                     latents = self.start_latents(latents, inputs.noise, inputs.generators[i])
                     with self.heartbeat(progress.tick):
@@ -292,12 +292,12 @@ class OneStepSRBase(DiffusionPipeline, abc.ABC):
         lq_latent = self.encode(image, latent_sampling, generator)
         return self.one_step_from_latents(lq_latent, cond, noise, generator)
 
-    def prepare_batch(self, lq: torch.Tensor, upscale: int = 1) -> tuple[torch.Tensor, LQImage]:
-        """A training batch's model input: LQ [B, 3, h, w] in [0, 1] -> (the VAE input in [-1, 1] at output size,
-        padded to the latent grid; the LQ as an `LQImage` for `condition_on_image`). `upscale` 1 when the LQ is
-        already at output size (the SD methods train so); the ResShift family always takes the LR itself."""
+    def prepare_batch(self, lq: torch.Tensor) -> tuple[torch.Tensor, LQImage]:
+        """A training batch's model input: LQ [B, 3, h, w] in [0, 1] -> (the VAE input in [-1, 1], padded to the
+        latent grid; the LQ as an `LQImage` for `condition_on_image`). The SD methods take the LQ already at output
+        size (as they train); the ResShift family takes the LR itself and upsamples it in `model_input`."""
         low = LQImage(rgb=lq)
-        image, _ = self.model_input(low, self.upsample(low, upscale) if upscale != 1 else low)
+        image, _ = self.model_input(low, low)
         return image, low
 
     def one_step_from_latents(
@@ -318,16 +318,6 @@ class OneStepSRBase(DiffusionPipeline, abc.ABC):
         out_hw = tuple(n * self.vae_scale_factor for n in plan.latent_hw)
         one_tile = plan.tile_size is None or plan.denoiser_tiles == 1
         return one_tile and self.denoiser_calls == 1 and not needs_streaming(*out_hw, plan.vae_tile_size)
-
-    def checked_decode(
-        self, clean: torch.Tensor, decoded: torch.Tensor, plan: TilingPlan, report: StageReport
-    ) -> torch.Tensor:
-        """`one_step`'s decoded image as `__call__` returns it: clamped, and through `decode` (fp32 fallback,
-        clear errors) when it is not finite."""
-        report.finish()
-        if all_finite(decoded):
-            return decoded.clamp(-1, 1)
-        return self.decode(clean, plan, None)
 
     # ------------------------------------------------------------------ checks and plans
 
@@ -564,10 +554,15 @@ class OneStepSRBase(DiffusionPipeline, abc.ABC):
         return retry_on_oom(run, plan, halve_denoiser_tile, plan.device, "denoiser")
 
     def decode(
-        self, latents: torch.Tensor, plan: TilingPlan | None = None, report: StageReport | None = None
+        self,
+        latents: torch.Tensor,
+        plan: TilingPlan | None = None,
+        report: StageReport | None = None,
+        decoded: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Denoiser latent -> image in [-1, 1]; fp16/bf16 overflow falls back to an fp32 decode. Still non-finite
-        (a NaN latent from the denoiser, or a broken VAE): a clear error naming the stage, never a NaN image."""
+        (a NaN latent from the denoiser, or a broken VAE): a clear error naming the stage, never a NaN image.
+        `decoded`: the decode already made (`one_step`'s image), checked and clamped the same way."""
         plan = plan or TilingPlan.untiled()
         if not all_finite(latents):
             raise NonFiniteOutputError(
@@ -575,7 +570,11 @@ class OneStepSRBase(DiffusionPipeline, abc.ABC):
                 + NON_FINITE_HINT
             )
         latents = self.decoder_input(latents)
-        image = self._vae_decode(latents.to(self.vae.dtype), plan, report)
+        if decoded is None:
+            image = self._vae_decode(latents.to(self.vae.dtype), plan, report)
+        else:
+            image = decoded
+            (report or StageReport()).finish()
         finite = all_finite(image)
         if not finite and self.vae.dtype != torch.float32:
             dtype = self.vae.dtype

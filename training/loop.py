@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import signal
 import time
 from dataclasses import dataclass
@@ -344,9 +345,7 @@ class Trainer:
         tmp = final.with_name(final.name + ".tmp")
         self.accelerator.wait_for_everyone()
         if self.is_main:
-            if tmp.exists():
-                import shutil
-
+            if tmp.exists():  # left by a crash during an earlier save
                 shutil.rmtree(tmp)
             ckpt.save_main(
                 tmp,
@@ -363,8 +362,6 @@ class Trainer:
         self.accelerator.wait_for_everyone()
         if self.is_main:
             if final.exists():
-                import shutil
-
                 shutil.rmtree(final)
             tmp.rename(final)
             ckpt.prune(self.output_dir, self.config.keep_checkpoints)

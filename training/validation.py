@@ -6,19 +6,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from PIL import Image
 
+from ..pipelines.images import postprocess, save_png_atomically
 from .config import TrainConfig
 from .data.datasets import read_rgb, validation_pairs
 from .metrics import mean_finite, psnr_y, ssim_y
-
-
-def save_png(image01: torch.Tensor, path: Path) -> None:
-    array = (image01[0].clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.png")
-    Image.fromarray(array).save(tmp)
-    tmp.replace(path)
 
 
 @torch.no_grad()
@@ -40,7 +32,7 @@ def run_validation(pipe, config: TrainConfig, step: int, folder: Path, perceptua
             device = next(perceptual.parameters()).device
             percs.append(perceptual_value(perceptual, sr.to(device) * 2 - 1, hq.to(device) * 2 - 1).item())
         if i < config.val_samples:
-            save_png(sr, folder / f"{lq_path.stem}.png")
+            save_png_atomically(postprocess([sr], "pil")[0], folder / f"{lq_path.stem}.png")
     metrics = {"psnr_y": mean_finite(psnrs), "ssim_y": sum(ssims) / len(ssims)}
     if percs:
         metrics[config.perceptual] = sum(percs) / len(percs)

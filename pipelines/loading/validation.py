@@ -219,10 +219,6 @@ def check_config(config: Mapping[str, Any], source: Any) -> None:
             raise CheckpointError(f"{source}: config num_train_timesteps={value!r}; expected 1..{MAX_TRAIN_TIMESTEPS}")
         if key == "model_max_length" and not (_is_int(value) and 1 <= value <= MAX_TOKENIZER_LENGTH):
             raise CheckpointError(f"{source}: tokenizer model_max_length={value!r}; expected 1..{MAX_TOKENIZER_LENGTH}")
-
-
-def check_scheduler_config(config: Mapping[str, Any], source: Any) -> None:
-    check_config(config, source)
     start, end = config.get("beta_start"), config.get("beta_end")
     if isinstance(start, (int, float)) and isinstance(end, (int, float)) and start > end:
         raise CheckpointError(f"{source}: scheduler beta_start={start} > beta_end={end}; betas must rise")
@@ -435,7 +431,7 @@ def check_component(root: Path, path: Path, component_cls: type, dtype: torch.dt
         check_model_folder(path, component_cls, dtype)
     elif issubclass(component_cls, ConfigMixin):  # schedulers
         for config in path.glob("*.json"):
-            check_scheduler_config(read_json(config), config)
+            check_config(read_json(config), config)
     else:  # tokenizers
         config = path / "tokenizer_config.json"
         if config.is_file():

@@ -5,11 +5,12 @@ OSEDiff `realesrgan.py` driving BasicSR 1.4.2 primitives). Two steps, so the ran
 logged, replayed and tested on their own:
 
     params = DegradationSampler(config).sample(generator)   # one frozen DegradationParams per image
-    lq = degrade(hq, params, generator)                      # hq [3, H, W] or [1, 3, H, W] in [0, 1]
+    hq, lq = degrade(hq, params, generator)                  # hq [3, H, W] or [1, 3, H, W] in [0, 1]; hq flipped
+                                                             # when the params say so
 
-`degrade_batch` does a batch (one parameter set per image). The choices differ per image and change the sizes
-of the intermediate images, so the stages run per image; the kernels, noise and JPEG run on the images' device.
-The noise maps are drawn inside `degrade` from the generator given (or injected, for parity checks).
+`degrade_samples` does a batch (one parameter set and one noise seed per image). The choices differ per image and
+change the sizes of the intermediate images, so the stages run per image, on the images' device. The noise maps are
+drawn inside `degrade` from the generator given (or injected, for parity checks).
 """
 
 from __future__ import annotations
@@ -507,20 +508,6 @@ def degrade(
         x = resize(x, params.resize_back_mode, size=(height, width))
     lq = quantize_to_8bit(x)
     return (hq_out[0], lq[0]) if squeeze else (hq_out, lq)
-
-
-def degrade_batch(
-    hq: torch.Tensor,
-    params: Sequence[DegradationParams],
-    generator: torch.Generator | None = None,
-    scale: int = 4,
-    resize_back: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(hq, lq) for a batch [B, 3, H, W], one parameter set per image."""
-    if hq.ndim != 4 or len(params) != hq.shape[0]:
-        raise ValueError(f"degrade_batch takes [B, 3, H, W] and B parameter sets, got {tuple(hq.shape)}, {len(params)}")
-    pairs = [degrade(hq[i : i + 1], p, generator, scale, resize_back) for i, p in enumerate(params)]
-    return torch.cat([h for h, _ in pairs]), torch.cat([lq for _, lq in pairs])
 
 
 def degrade_samples(

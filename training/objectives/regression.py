@@ -24,7 +24,7 @@ def build_perceptual(config: TrainConfig, search: list) -> torch.nn.Module | Non
     from ..losses.perceptual import DISTS, EADISTS, LPIPS
 
     kind = config.perceptual
-    if kind == "none" or (config.perceptual_weight == 0 and kind != "none"):
+    if kind == "none" or config.perceptual_weight == 0:
         return None
     arch = "alexnet" if kind == "lpips-alex" else "vgg16"
     path = find_backbone_file(arch, config.perceptual_weights, search)
