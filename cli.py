@@ -8,11 +8,11 @@ import argparse
 import os
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from .pipelines.options import COLOR_FIX_METHODS, DTYPE_NAMES, LATENT_SAMPLING_MODES
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 DEFAULT_MODELS_DIR = Path(os.environ.get("ONESTEP_SR_MODELS", "models"))
 
 
@@ -20,7 +20,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m onestep_sr", description="One-step diffusion super-resolution.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    up = sub.add_parser("upscale", help="upscale image files or folders to PNGs")
+    up = sub.add_parser(
+        "upscale",
+        help="upscale image files or folders to PNGs (several GPUs/hosts: `accelerate launch -m onestep_sr upscale`)",
+        description="Upscale image files and folders (recursively) to PNGs under -o, mirroring the folders. Complete "
+        "outputs are kept, so rerunning the same command resumes; failures are listed in OUT/failed.json. Under "
+        "`accelerate launch` the images are shared between the processes.",
+    )
     up.add_argument("inputs", nargs="*", type=Path, help="image files and/or folders of images")
     up.add_argument("-o", "--output", type=Path, default=Path("out"), help="output folder (default: ./out)")
     _add_model_args(up)
@@ -61,7 +67,19 @@ def build_parser() -> argparse.ArgumentParser:
         choices=DTYPE_NAMES,
         help="precision (auto: bf16 where fast, else fp16 on CUDA, else fp32)",
     )
-    up.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    up.add_argument(
+        "--device",
+        default="auto",
+        help="auto, cpu, cuda, cuda:1, ... (under `accelerate launch` with several processes: each takes its own)",
+    )
+    up.add_argument(
+        "--batch-size",
+        type=int,
+        default=1,
+        metavar="B",
+        help="run up to B images of equal size through the model at once (faster on GPUs for small images; "
+        "equal to one by one within the precision's tolerance; default 1)",
+    )
     up.add_argument("--no-fuse-lora", action="store_true", help="keep LoRA layers separate (slower)")
     up.add_argument(
         "--demo",
@@ -163,73 +181,6 @@ def missing_weights_message(base: Path, weights: Path) -> str | None:
     )
 
 
-def collect_sources(paths: list[Path]) -> list[tuple[Path, Path | None]]:
-    """(file, the folder root it was found under, or None for a file given directly)."""
-    found: list[tuple[Path, Path | None]] = []
-    for path in paths:
-        if path.is_dir():
-            files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-            found.extend((f, path) for f in files)
-        elif path.is_file():
-            found.append((path, None))
-        else:
-            raise FileNotFoundError(f"input not found: {path}")
-    return found
-
-
-def plan_outputs(sources: list[tuple[Path, Path | None]], out: Path) -> list[tuple[Path, Path]]:
-    """(input, output PNG) pairs, mirroring the inputs' folders under `out`:
-
-    - files under one folder root keep their relative path (`in/a/x.jpg` -> `out/a/x.png`); with several folder
-      roots each is mirrored under its own name (`out/in1/...`, `out/in2/...`; a repeated name gets `-2`, `-3`);
-      files given directly go to `out/<name>.png`;
-    - inputs that would still share an output (`x.png` and `x.jpg` in one folder) keep their own suffix in the
-      name: `x.png.png`, `x.jpg.png`. No two inputs ever write the same file.
-    """
-    roots = list(dict.fromkeys(root for _, root in sources if root is not None))
-    prefixes: dict[Path, Path] = {}
-    if len(roots) > 1:
-        used: dict[str, int] = {}
-        for root in roots:
-            name = root.resolve().name or "input"
-            used[name] = used.get(name, 0) + 1
-            prefixes[root] = Path(name if used[name] == 1 else f"{name}-{used[name]}")
-    else:
-        prefixes = {root: Path() for root in roots}
-    relative = [
-        prefixes[root] / source.relative_to(root) if root is not None else Path(source.name) for source, root in sources
-    ]
-    targets = [rel.with_suffix(".png") for rel in relative]
-    counts: dict[Path, int] = {}
-    for t in targets:
-        counts[t] = counts.get(t, 0) + 1
-    planned = [out / (rel.with_name(rel.name + ".png") if counts[t] > 1 else t) for rel, t in zip(relative, targets)]
-    if len(set(planned)) != len(planned):  # e.g. "x.png" given twice: refuse rather than overwrite
-        dupes = sorted({str(p) for p in planned if planned.count(p) > 1})
-        raise ValueError(f"several inputs would write {dupes[0]}; give each input once")
-    return [(source, target) for (source, _), target in zip(sources, planned)]
-
-
-def check_output_folder(out: Path, paths: list[Path]) -> str | None:
-    """What makes `out` unusable for every image (checked before the model loads), or None."""
-    if out.exists() and not out.is_dir():
-        return f"-o {out} is an existing file, not a folder"
-    resolved = out.resolve()
-    for path in paths:
-        if path.is_dir() and (resolved == path.resolve() or resolved.is_relative_to(path.resolve())):
-            return (
-                f"-o {out} is inside the input folder {path}: outputs could overwrite inputs or be read as inputs "
-                "on the next run; choose an output folder outside the inputs"
-            )
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=out, prefix=".onestep_sr_write_test_"):
-            pass
-    except OSError as err:
-        return f"cannot write to the output folder {out}: {err}"
-    return None
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "convert":
@@ -289,7 +240,7 @@ def _method_options(args) -> dict:
     return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
 
 
-def _tagger_for(args, method) -> tuple | None:
+def _tagger_for(args, method, say=print) -> tuple | None:
     """(RAM base, DAPE LoRA or None) from --tagger/--tagger-lora, else found in the models folder by their
     official names when the method's pipeline takes a tagger; None without one."""
     from .pipelines.methods.dape import find_tagger_files
@@ -302,7 +253,7 @@ def _tagger_for(args, method) -> tuple | None:
         return args.tagger, args.tagger_lora
     found = find_tagger_files(DEFAULT_MODELS_DIR)
     if found is not None:
-        print(f"tagger: {found[0]}" + (f" + {found[1]}" if found[1] else " (no DAPE LoRA found)"), file=sys.stderr)
+        say(f"tagger: {found[0]}" + (f" + {found[1]}" if found[1] else " (no DAPE LoRA found)"), file=sys.stderr)
     return found
 
 
@@ -342,20 +293,34 @@ def _convert(args) -> int:
 
 
 def _upscale(args) -> int:
-    import torch
-    from PIL import Image
-    from tqdm.auto import tqdm
-
-    from .pipelines.images import ImageInputError, resize_to_long_side, save_png_atomically
+    from .pipelines.collection import (
+        Processes,
+        UpscaleSettings,
+        check_output_folder,
+        collect_sources,
+        plan_outputs,
+        upscale_share,
+        write_failed_list,
+    )
     from .pipelines.loading import CheckpointError
     from .pipelines.methods import detect_method, load_pipeline
-    from .pipelines.tiling.memory import InsufficientMemoryError
+
+    if args.batch_size < 1:
+        print(f"error: --batch-size must be at least 1, got {args.batch_size}", file=sys.stderr)
+        return 2
+    try:
+        processes = Processes(args.device)
+        device = processes.device(args.device)
+    except (RuntimeError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    say = _printer(processes.is_main)  # one voice for the job: the main process
 
     demo_dir = None
     if args.demo:
         from .pipelines.demo_models import build_demo_model
 
-        print(
+        say(
             "DEMO: building a tiny, randomly initialised (untrained) model; the output shows the pipeline "
             "running end to end, not a real super-resolution.",
             file=sys.stderr,
@@ -365,19 +330,20 @@ def _upscale(args) -> int:
     else:
         base, weights, message = _model_paths_or_message(args)
         if message:
-            print(message, file=sys.stderr)
+            say(message, file=sys.stderr)
             return 2
+    # 1. The plan: every process computes the same one from the inputs alone; problems that concern every
+    #    image are refused before the model loads.
     try:
         sources = collect_sources(args.inputs)
     except FileNotFoundError as err:
-        print(f"error: {err}", file=sys.stderr)
+        say(f"error: {err}", file=sys.stderr)
         return 2
     if not sources and args.demo:
         sources = [(_write_demo_input(Path(demo_dir.name)), None)]
     if not sources:
-        print("error: no input images given (files or folders with .png/.jpg/...)", file=sys.stderr)
+        say("error: no input images given (files or folders with .png/.jpg/...)", file=sys.stderr)
         return 2
-    # problems that concern every image are refused before the model loads
     problem = check_output_folder(args.output, args.inputs)
     if problem is None:
         try:
@@ -385,71 +351,118 @@ def _upscale(args) -> int:
         except ValueError as err:
             problem = str(err)
     if problem:
-        print(f"error: {problem}", file=sys.stderr)
+        say(f"error: {problem}", file=sys.stderr)
         return 2
-    inputs = {source.resolve() for source, _ in jobs}
-    if any(target.resolve() in inputs for _, target in jobs):
-        print("error: an output would overwrite an input; choose another -o", file=sys.stderr)
-        return 2
-    skipped = [(s, t) for s, t in jobs if t.is_file() and not args.overwrite]
-    jobs = [(s, t) for s, t in jobs if args.overwrite or not t.is_file()]
-    if skipped:
-        print(f"{len(skipped)} output(s) exist already and are kept (--overwrite replaces them)", file=sys.stderr)
+    # 2. What is still to do (complete outputs are kept: a rerun resumes), decided by every process before any
+    #    writes, then shared out.
+    pending = [(s, t) for s, t in jobs if args.overwrite or not t.is_file()]
+    kept = len(jobs) - len(pending)
+    processes.wait()
+    if kept:
+        say(f"{kept} output(s) exist already and are kept (--overwrite replaces them)", file=sys.stderr)
+    # 3. Each process loads the pipeline on its own device; if any cannot, all stop.
+    error = None
     try:
         method, _ = detect_method(weights, args.method)
-        tagger = None if args.demo else _tagger_for(args, method)
+        tagger = None if args.demo else _tagger_for(args, method, say)
         pipe = load_pipeline(
             base,
             weights,
             dtype=args.dtype,
-            device=args.device,
+            device=device,
             fuse_lora=not args.no_fuse_lora,
             method=method.id,
             tagger=tagger,
             **_method_options(args),
         )
-    except (CheckpointError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        pipe.set_progress_bar_config(disable=True)
+    except (CheckpointError, ValueError, OSError) as err:
+        error = f"error: {err}"
+    errors = [e for e in processes.gather(error) if e]
+    if errors:
+        say(errors[0], file=sys.stderr)
         return 2
-    pipe.set_progress_bar_config(disable=True)
-    failures, done = 0, 0
-    try:
-        for path, target in tqdm(jobs, desc="upscaling", unit="img"):
-            if target.is_dir():
-                failures += 1
-                tqdm.write(f"skipped {path}: its output {target} is a folder", file=sys.stderr)
-                continue
-            try:
-                with Image.open(path) as img:
-                    img.load()
-                    icc = img.info.get("icc_profile")
-                    generator = torch.Generator().manual_seed(args.seed)
-                    source = img if args.long_side is None else resize_to_long_side(img, args.upscale, args.long_side)
-                    output = pipe(
-                        source,
-                        prompt=args.prompt,
-                        upscale=args.upscale,
-                        color_fix=args.color_fix,
-                        latent_sampling=args.latent_sampling,
-                        generator=generator,
-                    )
-                # the input's colour profile travels with the pixels (they are in its colour space)
-                save_png_atomically(output.images[0], target, icc_profile=icc)
-                if args.save_prompts:
-                    target.with_suffix(".txt").write_text((output.prompts[0] or "") + "\n", encoding="utf-8")
-            except (ImageInputError, InsufficientMemoryError, Image.DecompressionBombError, OSError, ValueError) as err:
-                failures += 1
-                tqdm.write(f"skipped {path}: {err}", file=sys.stderr)
-                continue
-            done += 1
-    except KeyboardInterrupt:
-        print(f"\ninterrupted: {done} of {len(jobs)} images written to {args.output}", file=sys.stderr)
-        return 130
-    summary = f"wrote {done} image(s) to {args.output}"
-    summary += f", {len(skipped)} kept (already there)" if skipped else ""
-    summary += f", {failures} failed" if failures else ""
-    print(summary)
-    return 1 if failures else 0
+    # 4. Upscale this process's share; the main process shows the whole job's progress.
+    settings = UpscaleSettings(
+        upscale=args.upscale,
+        long_side=args.long_side,
+        prompt=args.prompt,
+        color_fix=args.color_fix,
+        latent_sampling=args.latent_sampling,
+        seed=args.seed,
+        save_prompts=args.save_prompts,
+        batch_size=args.batch_size,
+    )
+    started = time.perf_counter()
+    with _JobProgress(processes, len(pending)) as progress:
+        try:
+            report = upscale_share(
+                pipe, processes.share(pending), settings, on_finished=progress.finished, on_failure=progress.failure
+            )
+        except KeyboardInterrupt:
+            say("\ninterrupted: rerun the same command to resume (complete outputs are kept)", file=sys.stderr)
+            return 130
+        progress.wait_for_all()
+    # 5. One summary and one failure list for the whole job.
+    reports = processes.gather(report)
+    seconds = time.perf_counter() - started
+    written = sum(r.written for r in reports)
+    failed = [f for r in reports for f in r.failed]
+    if processes.is_main:
+        listed = write_failed_list(args.output, failed)
+        summary = f"wrote {written} image(s) to {args.output}"
+        summary += f", {kept} kept (already there)" if kept else ""
+        summary += f", {len(failed)} failed (listed in {listed})" if failed else ""
+        if written:
+            summary += f"; {written / seconds:.2f} images/s"
+            summary += f" on {processes.count} processes" if processes.count > 1 else ""
+        print(summary)
+    return 1 if failed else 0
+
+
+def _printer(enabled: bool):
+    def say(*args, **kwargs):
+        if enabled:
+            print(*args, **kwargs)
+
+    return say
+
+
+class _JobProgress:
+    """The main process's bar over the whole job (every process's finished images); other processes only count."""
+
+    def __init__(self, processes, total: int):
+        from tqdm.auto import tqdm
+
+        self.processes, self.total = processes, total
+        self.bar = tqdm(total=total, desc="upscaling", unit="img", disable=not processes.is_main)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.bar.close()
+
+    def finished(self, n: int) -> None:
+        self.processes.add_finished(n)
+        self.refresh()
+
+    def failure(self, path, error: str) -> None:
+        self.bar.write(f"skipped {path}: {error}", file=sys.stderr)
+
+    def refresh(self) -> None:
+        if self.processes.is_main:
+            self.bar.n = min(self.processes.finished(), self.total)
+            self.bar.refresh()
+
+    def wait_for_all(self) -> None:
+        """The main process follows the others' progress to the end (they never wait for it)."""
+        if not self.processes.is_main or self.processes.count == 1:
+            return
+        while self.processes.finished() < self.total:
+            self.refresh()
+            time.sleep(0.2)
+        self.refresh()
 
 
 def _write_demo_input(folder: Path) -> Path:

@@ -7,7 +7,7 @@ input, padding to the VAE/patch grid and cropping it away, alpha handling and ou
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +20,9 @@ import torch.nn.functional as F
 
 # Largest output side we accept; beyond this even a tiled run is unreasonable for one image.
 MAX_OUTPUT_SIDE = 32768
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")  # what a folder of inputs holds
 
 
 class ImageInputError(ValueError):
@@ -338,16 +341,21 @@ def _stack_if_same_size(items: list) -> Any:
     return items
 
 
-def save_png_atomically(image: PIL.Image.Image, path: str | os.PathLike, **save_kwargs: Any) -> Path:
-    """Write a PNG under a temporary name beside `path`, then rename it: an interrupted write never leaves a
-    truncated file where a complete one is expected."""
+def write_atomically(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
+    """`write(temporary path)` beside `path`, then rename it into place: an interrupted write never leaves a
+    truncated file where a complete one is expected (the temporary file is removed on any error)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.partial")
     try:
-        image.save(tmp, format="PNG", **save_kwargs)
+        write(tmp)
         os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
     return path
+
+
+def save_png_atomically(image: PIL.Image.Image, path: str | os.PathLike, **save_kwargs: Any) -> Path:
+    """Write a PNG under a temporary name beside `path`, then rename it (see `write_atomically`)."""
+    return write_atomically(path, lambda tmp: image.save(tmp, format="PNG", **save_kwargs))

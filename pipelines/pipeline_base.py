@@ -25,7 +25,7 @@ from .loading.validation import all_finite
 from .methods.registry import Method, method_of
 from .options import COLOR_FIX_METHODS, GENERIC_DEFAULTS, LATENT_SAMPLING_MODES, OUTPUT_TYPES, TileDefaults
 from .tiling.denoiser import run_tiled
-from .tiling.memory import RunEstimate, VAEFacts, check_fits, estimate_run
+from .tiling.memory import RunEstimate, VAEFacts, check_fits, estimate_run, fits
 from .tiling.plan import (
     DenoiserFacts,
     StageReport,
@@ -76,6 +76,18 @@ class Conditioning:
     from_text: bool = False  # encoded from a prompt by the text encoders (not given, not the fixed embedding)
     image: torch.Tensor | None = None  # an image the denoiser is conditioned on (ResShift: the padded LR)
 
+    @staticmethod
+    def cat(conds: list[Conditioning]) -> Conditioning:
+        """Several images' conditionings as one batch (rows in order)."""
+        if len(conds) == 1:
+            return conds[0]
+
+        def rows(name: str) -> torch.Tensor | None:
+            parts = [getattr(c, name) for c in conds]
+            return None if parts[0] is None else torch.cat(parts)
+
+        return Conditioning(rows("embeds"), rows("pooled"), conds[0].from_text, rows("image"))
+
 
 @dataclass(frozen=True)
 class CallInputs:
@@ -94,6 +106,7 @@ class CallInputs:
     plans: list[TilingPlan]
     use_tagger: bool
     noise: torch.Tensor | None = None
+    batch_size: int = 1
 
 
 class Progress:
@@ -182,6 +195,7 @@ class OneStepSRBase(DiffusionPipeline, abc.ABC):
         progress_callback: Callable[[int, int], None] | None = None,
         use_tagger: bool = True,
         noise: torch.Tensor | None = None,
+        batch_size: int = 1,
     ) -> OneStepSROutput | tuple:
         r"""
         Args:
@@ -208,11 +222,16 @@ class OneStepSRBase(DiffusionPipeline, abc.ABC):
                 f"{tags}, {prompt}," of the upsampled input; False uses `prompt` as given.
             noise: for pipelines that start from a noised latent (ResShift family): the latent-shaped eps to
                 inject (one image) instead of drawing it from `generator`.
+            batch_size: up to this many consecutive images of equal size that run untiled go through the model
+                in one forward (faster on GPUs for small images; working memory grows with it, and a batch that
+                would not fit is made smaller). Each image keeps its own generator's draws, so a batched image
+                equals its unbatched run within the precision's tolerance.
         """
         # 0. Check every argument before any work, and plan each image's tiling once.
         inputs = self.check_inputs(
             image, prompt, upscale, color_fix, latent_sampling, generator, output_type, prompt_embeds,
             pooled_prompt_embeds, tile_size, tile_overlap, tile_batch_size, vae_tile_size, blend, use_tagger, noise,
+            batch_size,
         )  # fmt: skip
         device = self._execution_device
         plans = inputs.plans
@@ -224,40 +243,47 @@ class OneStepSRBase(DiffusionPipeline, abc.ABC):
         ]
         with self.progress_bar(total=sum(map(sum, units))) as bar:
             progress = Progress(bar, bar.total, progress_callback)
-            for i, (lq, plan) in enumerate(zip(inputs.images, plans)):
+            # Images go one by one, or (batch_size > 1) in batches of equal-size untiled images; each image keeps
+            # its own generator, so its draws do not depend on the batch it lands in.
+            for batch in self.batches(plans, inputs.batch_size):
+                lqs, plan = [inputs.images[i] for i in batch], plans[batch[0]]
+                generators = [inputs.generators[i] for i in batch]
+                generator = generators[0] if len(batch) == 1 else generators
+                stage_units = [sum(units[i][stage] for i in batch) for stage in range(3)]
                 # 1. Upsample to output size: the network itself never changes resolution.
-                lq_up = self.upsample(lq, inputs.upscale)
+                lq_ups = [self.upsample(lq, inputs.upscale) for lq in lqs]
                 # 2. Pad to the latent grid (cropped away after decoding) and encode.
-                padded, (height, width) = self.model_input(lq, lq_up)
-                report = progress.stage(units[i][0])
-                latents = self.encode(padded.to(device), inputs.latent_sampling, inputs.generators[i], plan, report)
+                padded, crops = zip(*(self.model_input(lq, up) for lq, up in zip(lqs, lq_ups)))
+                report = progress.stage(stage_units[0])
+                latents = self.encode(torch.cat(padded).to(device), inputs.latent_sampling, generator, plan, report)
                 # 3. One denoising step from the LQ latent itself, tile by tile, conditioned on the prompt
                 #    (the tags of the image the VAE encodes, once per image, when there is a tagger).
                 tag = inputs.use_tagger and inputs.prompt_embeds is None
-                prompt_i = self.image_prompt(lq_up, inputs.prompts[i], tag)
-                cond = self.encode_prompt(prompt_i, inputs.prompt_embeds, inputs.pooled_prompt_embeds, i, device)
-                used_prompts.append(prompt_i if cond.from_text else None)
-                cond = self.condition_on_image(cond, lq, device)
+                conds = []
+                for i, lq, lq_up in zip(batch, lqs, lq_ups):
+                    prompt_i = self.image_prompt(lq_up, inputs.prompts[i], tag)
+                    cond = self.encode_prompt(prompt_i, inputs.prompt_embeds, inputs.pooled_prompt_embeds, i, device)
+                    used_prompts.append(prompt_i if cond.from_text else None)
+                    conds.append(self.condition_on_image(cond, lq, device))
+                cond = Conditioning.cat(conds)
                 if self.runs_untiled(plan):
                     # 3-4 in one piece: the same differentiable forward that training calls
                     with self.heartbeat(progress.tick):
-                        step = self.one_step_from_latents(latents, cond, inputs.noise, inputs.generators[i])
-                    progress.advance(units[i][1])
-                    decoded = self.decode(step.clean_latent, plan, progress.stage(units[i][2]), decoded=step.image)
+                        step = self.one_step_from_latents(latents, cond, inputs.noise, generator)
+                    progress.advance(stage_units[1])
+                    decoded = self.decode(step.clean_latent, plan, progress.stage(stage_units[2]), decoded=step.image)
                 else:
-                    latents = self.start_latents(latents, inputs.noise, inputs.generators[i])
+                    latents = self.start_latents(latents, inputs.noise, generator)
                     with self.heartbeat(progress.tick):
-                        clean = self.denoise(
-                            latents, cond, plan, on_tile=progress.advance, generator=inputs.generators[i]
-                        )
-                    decoded = self.decode(clean, plan, progress.stage(units[i][2]))
+                        clean = self.denoise(latents, cond, plan, on_tile=progress.advance, generator=generator)
+                    decoded = self.decode(clean, plan, progress.stage(stage_units[2]))
                 # 4. Crop the padding, colour-correct.
-                decoded = decoded[..., :height, :width]
-                sr = (decoded.float().cpu() * 0.5 + 0.5).clamp(0, 1)
-                sr = apply_color_fix(inputs.color_fix, sr, self.color_fix_source(inputs.color_fix, lq, lq_up))
-                if lq_up.alpha is not None:
-                    sr = torch.cat([sr, lq_up.alpha], dim=1)
-                results.append(sr)
+                for row, lq, lq_up, (height, width) in zip(decoded, lqs, lq_ups, crops):
+                    sr = (row[None, :, :height, :width].float().cpu() * 0.5 + 0.5).clamp(0, 1)
+                    sr = apply_color_fix(inputs.color_fix, sr, self.color_fix_source(inputs.color_fix, lq, lq_up))
+                    if lq_up.alpha is not None:
+                        sr = torch.cat([sr, lq_up.alpha], dim=1)
+                    results.append(sr)
 
         output = postprocess(results, inputs.output_type)
         self.maybe_free_model_hooks()
@@ -339,6 +365,7 @@ class OneStepSRBase(DiffusionPipeline, abc.ABC):
         blend: str,
         use_tagger: bool = True,
         noise: torch.Tensor | None = None,
+        batch_size: Any = 1,
     ) -> CallInputs:
         """Every argument checked in one place (clear errors before any work), normalised per image."""
         color_fix = self.defaults.color_fix if color_fix is None else color_fix
@@ -349,6 +376,8 @@ class OneStepSRBase(DiffusionPipeline, abc.ABC):
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
         tiling = TilingOptions.validate(tile_size, tile_overlap, tile_batch_size, vae_tile_size, blend, self.defaults)
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         # sizes first, from shapes alone: a hopeless size is refused before a large input is converted
         sizes = image_sizes(image)
         if sizes is not None:
@@ -394,6 +423,7 @@ class OneStepSRBase(DiffusionPipeline, abc.ABC):
             plans=plans,
             use_tagger=bool(use_tagger),
             noise=noise,
+            batch_size=batch_size,
         )
 
     def check_conditioning(
@@ -434,6 +464,24 @@ class OneStepSRBase(DiffusionPipeline, abc.ABC):
         denoiser = self.denoiser_facts.tile_bytes(plan.tile_size or max(plan.latent_hw), plan.batch_size)
         streamed = needs_streaming(*out_hw, plan.vae_tile_size)
         return estimate_run(out_hw, VAEFacts.of(self.vae), streamed, denoiser)
+
+    def batches(self, plans: list[TilingPlan], batch_size: int) -> list[list[int]]:
+        """Image indices in runs of at most `batch_size` consecutive images that can share one forward: the same
+        plan (so the same latent size), untiled, and together within the device's free memory."""
+        batches: list[list[int]] = []
+        for i, plan in enumerate(plans):
+            last = batches[-1] if batches else None
+            if (
+                last is not None
+                and len(last) < batch_size
+                and plans[last[0]] == plan
+                and self.runs_untiled(plan)
+                and fits(self.estimate_memory(plan).scaled(len(last) + 1), plan.device)
+            ):
+                last.append(i)
+            else:
+                batches.append([i])
+        return batches
 
     def check_memory(self, plans: list[TilingPlan]) -> None:
         """Refuse, before any work, an image whose estimated peak cannot fit in the device's free memory."""
@@ -632,9 +680,13 @@ class OneStepSRBase(DiffusionPipeline, abc.ABC):
         return self.from_model_latents(latents)
 
     @staticmethod
-    def randn(shape, generator: torch.Generator | None) -> torch.Tensor:
+    def randn(shape, generator: torch.Generator | list[torch.Generator | None] | None) -> torch.Tensor:
         """float32 normal noise on the generator's device: a CPU generator seeded S gives exactly what
-        torch.manual_seed(S); torch.randn(shape) gives, as the official scripts draw it."""
+        torch.manual_seed(S); torch.randn(shape) gives, as the official scripts draw it. A list: one generator per
+        batch row, each row drawn as that image alone would draw it."""
+        if isinstance(generator, list):
+            rows = [OneStepSRBase.randn((1, *shape[1:]), g) for g in generator]
+            return torch.cat([r.to(rows[0].device) for r in rows])
         device = generator.device if generator is not None else torch.device("cpu")
         return torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
 

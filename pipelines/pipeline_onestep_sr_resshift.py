@@ -111,6 +111,7 @@ class OneStepSRResShiftPipeline(OneStepSRBase):
         vae_tile_size: int | str | None = "auto",
         blend: str = "gaussian",
         progress_callback: Callable[[int, int], None] | None = None,
+        batch_size: int = 1,
         **unused,
     ):
         r"""Upscale x4: pad the LR (reflect, to 64 px), bicubic x4, encode to z_y (no quantisation), start from
@@ -124,8 +125,8 @@ class OneStepSRResShiftPipeline(OneStepSRBase):
             noise: the latent-shaped eps to inject instead (one image).
             color_fix: "none" by default (the official scripts apply none), or "adain" / "wavelet".
             output_type, return_dict, tile_size, tile_overlap, tile_batch_size, vae_tile_size, blend,
-            progress_callback: as in every pipeline (see `OneStepSRBase.__call__`). Denoiser tiles share one noise
-                map drawn for the whole latent, so tiled output is seam-free and deterministic.
+            progress_callback, batch_size: as in every pipeline (see `OneStepSRBase.__call__`). Denoiser tiles share
+                one noise map drawn for the whole latent, so tiled output is seam-free and deterministic.
             The text arguments other pipelines take (`prompt`, `prompt_embeds`, ...) are accepted only empty, so a
             caller can drive every pipeline alike; `latent_sampling` and `use_tagger` do not apply and are ignored.
         """
@@ -133,7 +134,8 @@ class OneStepSRResShiftPipeline(OneStepSRBase):
         return super().__call__(
             image, upscale=upscale, generator=generator, noise=noise, color_fix=color_fix, output_type=output_type,
             return_dict=return_dict, tile_size=tile_size, tile_overlap=tile_overlap, tile_batch_size=tile_batch_size,
-            vae_tile_size=vae_tile_size, blend=blend, progress_callback=progress_callback, **refused,
+            vae_tile_size=vae_tile_size, blend=blend, progress_callback=progress_callback, batch_size=batch_size,
+            **refused,
         )  # fmt: skip
 
     def check_config(self, source) -> None:

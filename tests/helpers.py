@@ -176,3 +176,18 @@ def tadsr_case_records() -> list[dict]:
 def tadsr_one_step_cases() -> list[str]:
     """The TAD-SR cases run whole (not the official chopped-patch case), from cases.json."""
     return [r["name"] for r in tadsr_case_records() if "chop_size" not in r]
+
+
+def accelerate_launch(processes: int) -> list[str]:
+    """`accelerate launch --multi_gpu --num_processes N` (N CPU processes on gloo on this machine), every default
+    stated (no config file is read), on a free port."""
+    import socket
+    import sys
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
+    ]  # fmt: skip

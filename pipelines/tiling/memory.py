@@ -78,6 +78,10 @@ class RunEstimate:
     def peak(self) -> int:
         return self.images + max(self.vae, self.denoiser)
 
+    def scaled(self, images: int) -> RunEstimate:
+        """The estimate for `images` such images run as one batch (every stage's maps scale with the batch)."""
+        return RunEstimate(self.output_hw, self.images * images, self.vae * images, self.denoiser * images)
+
 
 def estimate_run(output_hw: tuple[int, int], vae: VAEFacts, vae_streamed: bool, denoiser_bytes: int) -> RunEstimate:
     pixels = output_hw[0] * output_hw[1]
@@ -94,6 +98,10 @@ def estimate_run(output_hw: tuple[int, int], vae: VAEFacts, vae_streamed: bool, 
 
 class InsufficientMemoryError(MemoryError):
     """A run refused before it started: its estimated peak exceeds the memory free on its device."""
+
+
+def fits(estimate: RunEstimate, device: torch.device) -> bool:
+    return estimate.peak <= available_memory(device)
 
 
 def check_fits(estimate: RunEstimate, device: torch.device, what: str) -> None:

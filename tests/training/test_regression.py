@@ -20,6 +20,7 @@ from onestep_sr import load_converted, load_pipeline
 from onestep_sr.training.config import TrainConfig
 from onestep_sr.training.loop import Trainer, lr_factor, train
 
+from helpers import accelerate_launch
 from training_helpers import (
     OSEDIFF_WEIGHTS,
     TADSR_WEIGHTS,
@@ -166,20 +167,7 @@ def test_two_processes_equal_one(tmp_path, train_images, backbones):
         log_every=1,
     )
     cfg = write_config(tmp_path / "c.yaml", base)
-    launch = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-    ]
+    launch = accelerate_launch(2)
     runs = {
         "two": ([f"output_dir={tmp_path / 'two'}", "batch_size=1"], launch),
         "accumulated": (

@@ -17,9 +17,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ...pipelines.images import IMAGE_SUFFIXES
 from .degradation import DegradationParams, DegradationSampler
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 
 
 def list_images(root: str | os.PathLike) -> list[Path]:
