@@ -1,0 +1,61 @@
+"""Checks that need a CUDA GPU (run by hand where one is present; the suite runs the same checks on the CPU):
+batched images equal their unbatched runs on CUDA for the three families, in fp32 and the GPU's default dtype.
+
+    python tests/benchmarks/device_checks.py          # prints one line per family and dtype, exit 1 on a failure
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from onestep_sr import load_pipeline
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from helpers import OSEDIFF_PARITY, TADSR_PARITY, TSDSR_PARITY
+
+FAMILIES = {
+    "osediff": lambda **kw: load_pipeline(OSEDIFF_PARITY / "tiny-sd21", OSEDIFF_PARITY / "osediff_tiny.pkl", **kw),
+    "tsdsr": lambda **kw: load_pipeline(
+        TSDSR_PARITY / "tiny-sd3", TSDSR_PARITY / "lora", embeddings=TSDSR_PARITY / "embeddings", **kw
+    ),
+    "tadsr": lambda **kw: load_pipeline(
+        TADSR_PARITY / "models" / "autoencoder_vq_f4_tiny_A.pth", TADSR_PARITY / "models" / "tadsr_tiny_A.pth", **kw
+    ),
+}
+# the tolerance of a batched image against its own run: fp32 rounding (as on the CPU), bf16 a few bf16 ulps of [0, 1]
+TOLERANCE = {"fp32": 1e-4, "auto": 2e-2}
+
+
+def run(pipe, lqs, upscale, kw, batch_size):
+    generators = [torch.Generator().manual_seed(10 + i) for i in range(len(lqs))]
+    return pipe(lqs, upscale=upscale, generator=generators, output_type="pt", tile_size=None, vae_tile_size=None,
+                batch_size=batch_size, **kw).images  # fmt: skip
+
+
+def main() -> int:
+    rng = np.random.default_rng(0)
+    lqs = [Image.fromarray(rng.integers(0, 255, (24, 32, 3), dtype=np.uint8)) for _ in range(6)]
+    failures = 0
+    for name, load in FAMILIES.items():
+        for dtype in ("fp32", "auto"):
+            pipe = load(dtype=dtype, device="cuda")
+            pipe.set_progress_bar_config(disable=True)
+            upscale = 4 if name == "tadsr" else 2
+            kw = {} if name == "tadsr" else {"latent_sampling": "sample"}
+
+            single, batched = (run(pipe, lqs, upscale, kw, b) for b in (1, 6))
+            diff = max((a - b).abs().max().item() for a, b in zip(single, batched))
+            ok = diff <= TOLERANCE[dtype]
+            failures += not ok
+            print(f"{name:8s} {dtype:5s} ({pipe.unet.dtype if hasattr(pipe, 'unet') else pipe.transformer.dtype}): "
+                  f"batched vs single max |diff| {diff:.2e} {'ok' if ok else 'FAIL'}", flush=True)  # fmt: skip
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
