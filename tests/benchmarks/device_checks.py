@@ -1,7 +1,7 @@
 """Checks that need a CUDA GPU (run by hand where one is present; the suite runs the same checks on the CPU):
 batched images equal their unbatched runs on CUDA for the three families, in fp32 and the GPU's default dtype.
 
-    python tests/benchmarks/device_checks.py          # prints one line per family and dtype, exit 1 on a failure
+    python tests/benchmarks/device_checks.py [--no-tf32]   # one line per family and dtype, exit 1 on a failure
 """
 
 from __future__ import annotations
@@ -38,6 +38,9 @@ def run(pipe, lqs, upscale, kw, batch_size):
 
 
 def main() -> int:
+    if "--no-tf32" in sys.argv:  # true fp32 convolutions and matmuls (PyTorch lets cuDNN use TF32 by default)
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
     rng = np.random.default_rng(0)
     lqs = [Image.fromarray(rng.integers(0, 255, (24, 32, 3), dtype=np.uint8)) for _ in range(6)]
     failures = 0
