@@ -6,6 +6,7 @@ out-of-range values are errors naming the key, before any model is loaded.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import os
@@ -224,6 +225,9 @@ def coerce(key: str, value: Any, hint: Any) -> Any:
             raise ConfigError(f"{key} = {value!r}: expected a whole number")
         return value
     if hint is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as text
+            with contextlib.suppress(ValueError):
+                value = float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key} = {value!r}: expected a number")
         return float(value)

@@ -16,6 +16,7 @@ import math
 import shutil
 import signal
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -242,13 +243,16 @@ class Trainer:
         c = self.config
         self.optimizers, self.schedulers = {}, {}
         for phase in self.phases:
-            opt = torch.optim.AdamW(
-                list(phase.parameters.values()),
-                lr=phase.learning_rate,
-                betas=(c.adam_beta1, c.adam_beta2),
-                eps=c.adam_epsilon,
-                weight_decay=c.weight_decay,
-            )
+            with warnings.catch_warnings():  # a parameter listed twice is the recipe's (Phase.optimizer_list)
+                warnings.filterwarnings("ignore", message=".*duplicate parameters.*")
+                opt = torch.optim.AdamW(
+                    phase.optimizer_params(),
+                    lr=phase.learning_rate,
+                    betas=(c.adam_beta1, c.adam_beta2),
+                    eps=c.adam_epsilon,
+                    weight_decay=c.weight_decay,
+                    foreach=False if phase.has_repeats else None,
+                )
             self.optimizers[phase.name] = opt
             self.schedulers[phase.name] = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(c, s))
         fp16 = c.mixed_precision == "fp16"
@@ -309,7 +313,7 @@ class Trainer:
         logged: dict[str, float] = {}
         for phase in self.phases:
             opt = self.optimizers[phase.name]
-            params = list(phase.parameters.values())
+            params = phase.optimizer_params()
             opt.zero_grad(set_to_none=True)
             for batch in micro_batches:
                 with self.autocast():
@@ -321,7 +325,7 @@ class Trainer:
                 for k, v in losses.items():
                     key = f"{phase.name}/{k}" if len(self.phases) > 1 else k
                     logged[key] = logged.get(key, 0.0) + v.detach().float().item() / len(micro_batches)
-            self._sync_gradients(params)
+            self._sync_gradients(list(phase.parameters.values()))
             if self.scaler is not None:
                 self.scaler.unscale_(opt)
             if c.max_grad_norm > 0:
@@ -334,6 +338,7 @@ class Trainer:
                 opt.step()
             self.schedulers[phase.name].step()
             logged[f"{phase.name}/lr"] = self.schedulers[phase.name].get_last_lr()[0]
+        self.objective.after_step()
         if self.ema is not None:
             self.ema.update()
         return logged

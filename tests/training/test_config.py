@@ -23,6 +23,12 @@ def test_yaml_toml_and_overrides_agree(tmp_path):
     b = TrainConfig.from_file(tmp_path / "c.toml", ["max_steps=7", "mixed_precision=bf16", "ema_decay=0.99"])
     assert a == b
     assert (a.max_steps, a.mixed_precision, a.ema_decay, a.learning_rate) == (7, "bf16", 0.99, 1e-4)
+    # YAML 1.1 reads 1e-3 (no dot) as text: a number where a number is expected, in files and overrides alike
+    (tmp_path / "d.yaml").write_text("".join(f"{k}: {val}\n" for k, val in v.items()) + "learning_rate: 2e-5\n")
+    assert TrainConfig.from_file(tmp_path / "d.yaml", ["weight_decay=1e-3"]).learning_rate == 2e-5
+    assert TrainConfig.from_file(tmp_path / "d.yaml", ["weight_decay=1e-3"]).weight_decay == 1e-3
+    with pytest.raises(ConfigError, match="learning_rate = 'fast': expected a number"):
+        TrainConfig.from_file(tmp_path / "d.yaml", ["learning_rate=fast"])
 
 
 @pytest.mark.parametrize(

@@ -152,7 +152,16 @@ def collate(samples: list[Sample]) -> dict:
         "lq": torch.stack([s.lq for s in samples]) if samples[0].lq is not None else None,
         "degradation": [s.degradation for s in samples],
         "path": [s.path for s in samples],
+        "prompt": [caption_of(s.path) for s in samples],
     }
+
+
+def caption_of(image_path: str) -> str | None:
+    """A training image's own prompt: the text of `<name>.txt` beside it (one line, e.g. its tags), or None."""
+    caption = Path(image_path).with_suffix(".txt")
+    if not caption.is_file():
+        return None
+    return " ".join(caption.read_text(encoding="utf-8").split())
 
 
 class PositionSampler(torch.utils.data.Sampler):

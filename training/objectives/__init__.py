@@ -7,6 +7,15 @@ a dict of losses for a batch ("loss" is the one differentiated). The loop (train
 from __future__ import annotations
 
 from .base import Objective, Phase, get_objective, objective_names, register_objective
+from .osediff_vsd import OSEDiffVSDObjective
 from .regression import RegressionObjective
 
-__all__ = ["Objective", "Phase", "RegressionObjective", "get_objective", "objective_names", "register_objective"]
+__all__ = [
+    "OSEDiffVSDObjective",
+    "Objective",
+    "Phase",
+    "RegressionObjective",
+    "get_objective",
+    "objective_names",
+    "register_objective",
+]

@@ -17,6 +17,17 @@ class Phase:
     name: str
     parameters: dict[str, torch.nn.Parameter]
     learning_rate: float
+    # the list the optimizer and the clipping see, when it is not `parameters` in order (an official recipe's
+    # order, or a parameter listed twice on purpose: then the optimizer runs its deterministic for-loop)
+    optimizer_list: list[torch.nn.Parameter] | None = None
+
+    def optimizer_params(self) -> list[torch.nn.Parameter]:
+        return list(self.parameters.values()) if self.optimizer_list is None else self.optimizer_list
+
+    @property
+    def has_repeats(self) -> bool:
+        params = self.optimizer_params()
+        return len({id(p) for p in params}) != len(params)
 
 
 class Objective(abc.ABC):
@@ -35,6 +46,11 @@ class Objective(abc.ABC):
     def modules(self) -> list[torch.nn.Module]:
         """Modules to checkpoint for memory (gradient checkpointing)."""
         return []
+
+    def after_step(self) -> None:
+        """Called after every phase of an optimizer step ran (e.g. to put the pipeline back as inference uses
+        it before validation or export)."""
+        return None
 
 
 _OBJECTIVES: dict[str, type[Objective]] = {}
