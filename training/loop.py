@@ -309,12 +309,9 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
 
     def train_step(self, micro_batches: list[dict]) -> dict[str, float]:
-        c = self.config
         logged: dict[str, float] = {}
         for phase in self.phases:
-            opt = self.optimizers[phase.name]
-            params = phase.optimizer_params()
-            opt.zero_grad(set_to_none=True)
+            self.optimizers[phase.name].zero_grad(set_to_none=True)
             for batch in micro_batches:
                 with self.autocast():
                     losses = self.objective.losses(phase.name, batch)
@@ -326,21 +323,28 @@ class Trainer:
                     key = f"{phase.name}/{k}" if len(self.phases) > 1 else k
                     logged[key] = logged.get(key, 0.0) + v.detach().float().item() / len(micro_batches)
             self._sync_gradients(list(phase.parameters.values()))
-            if self.scaler is not None:
-                self.scaler.unscale_(opt)
-            if c.max_grad_norm > 0:
-                norm = torch.nn.utils.clip_grad_norm_(params, c.max_grad_norm)
-                logged[f"{phase.name}/grad_norm"] = float(norm)
-            if self.scaler is not None:
-                self.scaler.step(opt)
-                self.scaler.update()
-            else:
-                opt.step()
-            self.schedulers[phase.name].step()
-            logged[f"{phase.name}/lr"] = self.schedulers[phase.name].get_last_lr()[0]
+            logged.update(self.apply_gradients(phase))
         self.objective.after_step()
         if self.ema is not None:
             self.ema.update()
+        return logged
+
+    def apply_gradients(self, phase) -> dict[str, float]:
+        """The phase's update from the gradients its parameters hold: fp16 unscale, clipping, the optimizer and
+        LR-schedule step (what follows the backward passes of a step)."""
+        opt, logged = self.optimizers[phase.name], {}
+        if self.scaler is not None:
+            self.scaler.unscale_(opt)
+        if self.config.max_grad_norm > 0:
+            norm = torch.nn.utils.clip_grad_norm_(phase.optimizer_params(), self.config.max_grad_norm)
+            logged[f"{phase.name}/grad_norm"] = float(norm)
+        if self.scaler is not None:
+            self.scaler.step(opt)
+            self.scaler.update()
+        else:
+            opt.step()
+        self.schedulers[phase.name].step()
+        logged[f"{phase.name}/lr"] = self.schedulers[phase.name].get_last_lr()[0]
         return logged
 
     # ------------------------------------------------------------------ checkpoints

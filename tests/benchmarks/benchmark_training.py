@@ -72,22 +72,41 @@ def build_pipeline():
     return pipe
 
 
-def run_row(precision: str, checkpointing: bool, steps: int) -> dict:
+def scratch_training_files() -> Path:
+    """A temporary folder with one 256 px HQ image in hq/ and a random full-size VGG16 in torchvision's file."""
     import numpy as np
     import torch
     from PIL import Image
+
+    from onestep_sr.training.losses.backbones import vgg16_features
+
+    tmp = Path(tempfile.mkdtemp())
+    (tmp / "hq").mkdir()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (256, 256, 3), dtype=np.uint8)).save(tmp / "hq" / "x.png")
+    vgg = {f"features.{k}": v for k, v in vgg16_features().state_dict().items()}
+    torch.save(vgg, tmp / "vgg16-397923af.pth")
+    return tmp
+
+
+def row_in_subprocess(script: str, *args: str) -> dict | None:
+    """One row run as `script --_row ARGS` in its own process (so its peak RSS is its own): the JSON its last
+    line prints, or None (its error printed) when it failed."""
+    cmd = [sys.executable, script, "--_row", *args]
+    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    if done.returncode != 0:
+        print(done.stderr[-3000:], file=sys.stderr)
+        return None
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def run_row(precision: str, checkpointing: bool, steps: int) -> dict:
+    import torch
 
     from onestep_sr.training.config import TrainConfig
     from onestep_sr.training.loop import Trainer
 
     torch.set_num_threads(os.cpu_count() or 1)
-    tmp = Path(tempfile.mkdtemp())
-    (tmp / "hq").mkdir()
-    Image.fromarray(np.random.default_rng(0).integers(0, 255, (256, 256, 3), dtype=np.uint8)).save(tmp / "hq" / "x.png")
-    from onestep_sr.training.losses.backbones import vgg16_features
-
-    vgg = {f"features.{k}": v for k, v in vgg16_features().state_dict().items()}
-    torch.save(vgg, tmp / "vgg16-397923af.pth")
+    tmp = scratch_training_files()
     config = TrainConfig.from_dict(
         dict(train_data=str(tmp / "hq"), crop_size=256, perceptual_weights=str(tmp), output_dir=str(tmp / "out"),
              mixed_precision="bf16" if precision == "bf16" else "no", gradient_checkpointing=checkpointing,
@@ -129,13 +148,10 @@ def main() -> int:
         return 0
     rows = []
     for precision, checkpointing in ROWS:
-        cmd = [sys.executable, __file__, "--_row", precision, str(int(checkpointing)), str(args.steps)]
-        done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-        if done.returncode != 0:
-            print(done.stderr[-2000:], file=sys.stderr)
+        r = row_in_subprocess(__file__, precision, str(int(checkpointing)), str(args.steps))
+        if r is None:
             return 1
-        rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
-        r = rows[-1]
+        rows.append(r)
         print(f"{precision:5s} ckpt={'on ' if checkpointing else 'off'}  {r['s_per_step']:7.2f} s/step  "
               f"peak {r['peak_rss_gib']:5.2f} GiB  (model {r['model_rss_gib']:.2f} GiB)", flush=True)  # fmt: skip
     args.out.mkdir(exist_ok=True)

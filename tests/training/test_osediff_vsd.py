@@ -299,6 +299,15 @@ def test_three_official_steps(name, tmp_path):
     assert all(got[k] <= LIMITS[k] for k in got), got
 
 
+@pytest.mark.slow
+def test_gradient_checkpointing_changes_nothing(tmp_path):
+    """Checkpointed blocks recompute in the backward pass: the shared UNet must still be the generator there (and
+    the regulariser in its phase), or the gradients would be another model's."""
+    metrics = run_case(case("t1_r4_64"), tmp_path, {"gradient_checkpointing": True}, steps=1)
+    metrics.pop("trainer")
+    assert exceeded(metrics) == [], metrics
+
+
 MISTAKES = {
     "vsd_sign_flipped(fix-update)": {"patch": "sign"},
     "no_cfg_on_frozen_unet(cfg=1)": {"extra": {"cfg_scale": 1.0}},

@@ -53,6 +53,42 @@ class Objective(abc.ABC):
         return None
 
 
+class SampleDraws:
+    """An objective's random draws by name, each sample's from its own seed (the loop's seed of the sample's
+    position in the data stream), one stream per name: they do not depend on the batch size, the number of
+    processes or a resume. Parity tests inject an official run's recorded draws by replacing this object."""
+
+    def __init__(self, streams: tuple[str, ...]):
+        self.streams = {name: i + 1 for i, name in enumerate(streams)}
+        self.seeds: list[int] = []
+
+    def start(self, seeds: list[int]) -> None:
+        """The samples of the batch about to be drawn for."""
+        self.seeds = list(seeds)
+
+    def _generators(self, name: str, count: int) -> list[torch.Generator]:
+        if len(self.seeds) != count:
+            raise RuntimeError(f"draws for {count} samples, seeds for {len(self.seeds)}")
+        stream = self.streams[name]
+        return [torch.Generator().manual_seed((seed * 16 + stream) % 2**63) for seed in self.seeds]
+
+    def normal(self, name: str, like: torch.Tensor) -> torch.Tensor:
+        """Standard normal noise shaped like `like` (float32, on its device)."""
+        rows = [torch.randn(like.shape[1:], generator=g) for g in self._generators(name, like.shape[0])]
+        return torch.stack(rows).to(like.device)
+
+    def timesteps(self, name: str, low: int, high: int, count: int, device: torch.device) -> torch.Tensor:
+        """`randint(low, high)` per sample."""
+        rows = [torch.randint(low, high, (1,), generator=g) for g in self._generators(name, count)]
+        return torch.cat(rows).to(device)
+
+
+def keep_trained_flags(model: torch.nn.Module, trained: set[int]) -> None:
+    """peft's adapter switching turns requires_grad on and off; put it back to what the loop trains."""
+    for p in model.parameters():
+        p.requires_grad_(id(p) in trained)
+
+
 _OBJECTIVES: dict[str, type[Objective]] = {}
 
 

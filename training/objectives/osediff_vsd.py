@@ -44,7 +44,7 @@ from ...pipelines.methods.osediff import ADAPTER, OSEDIFF_LORA_ALPHA, unet_adapt
 from ...pipelines.pipeline_base import Conditioning
 from ...pipelines.tiling.plan import TilingPlan, vae_encode
 from ..config import ConfigError, TrainConfig, coerce
-from .base import Objective, Phase, register_objective
+from .base import Objective, Phase, SampleDraws, keep_trained_flags, register_objective
 from .regression import perceptual_value
 
 # train_osediff.sh's negative prompt, used only in the VSD's CFG
@@ -101,36 +101,6 @@ class VSDSettings:
         return settings
 
 
-class Draws:
-    """The objective's random draws by name (vae_eps, vsd_t, vsd_noise, then reg_noise, reg_t, the official order):
-    each sample's from its own seed (the loop's seed of its position in the data stream), one stream per name, so
-    they do not depend on the batch size, the number of processes or a resume. The parity tests inject the
-    official run's recorded draws by replacing this object."""
-
-    STREAMS = {"vae_eps": 1, "vsd_t": 2, "vsd_noise": 3, "reg_noise": 4, "reg_t": 5}
-
-    def __init__(self):
-        self.seeds: list[int] = []
-
-    def start(self, seeds: list[int]) -> None:
-        """The samples of the batch about to be drawn for."""
-        self.seeds = list(seeds)
-
-    def _generators(self, name: str, count: int) -> list[torch.Generator]:
-        if len(self.seeds) != count:
-            raise RuntimeError(f"draws for {count} samples, seeds for {len(self.seeds)}")
-        stream = self.STREAMS[name]
-        return [torch.Generator().manual_seed((seed * 8 + stream) % 2**63) for seed in self.seeds]
-
-    def normal(self, name: str, like: torch.Tensor) -> torch.Tensor:
-        rows = [torch.randn(like.shape[1:], generator=g) for g in self._generators(name, like.shape[0])]
-        return torch.stack(rows).to(like.device)
-
-    def timesteps(self, name: str, low: int, high: int, count: int, device: torch.device) -> torch.Tensor:
-        rows = [torch.randint(low, high, (1,), generator=g) for g in self._generators(name, count)]
-        return torch.cat(rows).to(device)
-
-
 @register_objective
 class OSEDiffVSDObjective(Objective):
     name = "osediff-vsd"
@@ -144,7 +114,7 @@ class OSEDiffVSDObjective(Objective):
             raise ConfigError("objective = osediff-vsd needs the base's text encoder and tokenizer (SD2.1-base)")
         self.pipe, self.config, self.perceptual = pipe, config, perceptual
         self.settings = VSDSettings.from_extra(config.extra)
-        self.draws = Draws()
+        self.draws = SampleDraws(("vae_eps", "vsd_t", "vsd_noise", "reg_noise", "reg_t"))
         self.unet = pipe.unet
         self.generator_params = method.trainable(pipe)
         self.conv_in_base = base_conv_in(config.base, self.unet.conv_in, pipe.device)
@@ -231,8 +201,7 @@ class OSEDiffVSDObjective(Objective):
             conv.weight, conv.bias = trained["unet.conv_in.base_layer.weight"], trained["unet.conv_in.base_layer.bias"]
         else:
             conv.weight, conv.bias = self.conv_in_base
-        for p in unet.parameters():
-            p.requires_grad_(id(p) in self.trained)
+        keep_trained_flags(unet, self.trained)
 
     @contextmanager
     def using(self, role: str, then: str):

@@ -1,0 +1,127 @@
+"""One OSEDiff VSD training step (`objective: osediff-vsd`) on FULL-SIZE SD2.1-base architectures, random weights.
+
+Not part of the test suite. One command:
+
+    python tests/benchmarks/benchmark_osediff_vsd.py        # table on stdout, JSON in bench_out/osediff_vsd.json
+
+The step is the real `Trainer.train_step`: the generator (UNet + VAE-encoder LoRA, conv_in), MSE + LPIPS-vgg + VSD
+(the regulariser's and the frozen UNet's CFG scores) and its AdamW step, then the regulariser's diffusion loss and
+its step; one 256 px crop, batch 1, the default precision (fp32), gradient checkpointing on, the full-size text
+encoder included. Rows, each in its own subprocess (peak resident memory, VmHWM, is its own):
+  shared:       ONE frozen UNet shared by the generator, the frozen score and the regulariser (peft adapters)
+  three copies: the same step while two more UNet copies and a second text encoder are resident, as the official
+                code holds them (unet_fix, unet_update and the regulariser's own text encoder): same compute, the
+                official memory
+Seconds per step are the median of `--steps` steps after one warm-up step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from benchmark_tiling import peak_rss_gib  # (this folder is on sys.path when the script runs)
+from benchmark_training import build_pipeline as build_generator
+from benchmark_training import row_in_subprocess, scratch_training_files
+
+
+def build_pipeline():
+    import torch
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    from onestep_sr.pipelines.loading import SD21_BASE_CONFIG
+
+    pipe = build_generator()
+    text_encoder = CLIPTextModel(CLIPTextConfig.from_pretrained(SD21_BASE_CONFIG / "text_encoder")).eval()
+    tokenizer = CLIPTokenizer.from_pretrained(SD21_BASE_CONFIG / "tokenizer")
+    pipe.register_modules(text_encoder=text_encoder.to(torch.float32), tokenizer=tokenizer, prompt_embedding=None)
+    return pipe
+
+
+def run_row(layout: str, steps: int) -> dict:
+    import torch
+    from safetensors.torch import save_file
+
+    from onestep_sr.training.config import TrainConfig
+    from onestep_sr.training.loop import Trainer
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    tmp = scratch_training_files()
+    pipe = build_pipeline()
+    # the base folder the objective reads its frozen conv_in from
+    (tmp / "base" / "unet").mkdir(parents=True)
+    conv_in = pipe.unet.conv_in.base_layer
+    save_file(
+        {"conv_in.weight": conv_in.weight.detach().clone(), "conv_in.bias": conv_in.bias.detach().clone()},
+        tmp / "base" / "unet" / "diffusion_pytorch_model.safetensors",
+    )
+    config = TrainConfig.from_dict(
+        dict(objective="osediff-vsd", base=str(tmp / "base"), train_data=str(tmp / "hq"), crop_size=256,
+             perceptual_weights=str(tmp), output_dir=str(tmp / "out"), gradient_checkpointing=True, device="cpu"),
+        check_paths=False,
+    )  # fmt: skip
+    t0 = time.perf_counter()
+    trainer = Trainer(config, pipe=pipe)
+    official_copies = []
+    if layout == "three copies":
+        with torch.no_grad():
+            for _ in range(2):
+                unet = copy.deepcopy(pipe.unet)
+                official_copies.append(unet)
+            official_copies.append(copy.deepcopy(pipe.text_encoder))
+    build_s = time.perf_counter() - t0
+    rss_model = peak_rss_gib()
+    batch = {"hq": torch.rand(1, 3, 256, 256), "lq": torch.rand(1, 3, 256, 256), "seed": [0], "prompt": ["a cat"]}
+    times = []
+    for i in range(steps + 1):
+        t = time.perf_counter()
+        trainer.train_step([batch])
+        if i:
+            times.append(time.perf_counter() - t)
+    return {
+        "layout": layout,
+        "s_per_step": statistics.median(times),
+        "peak_rss_gib": peak_rss_gib(),
+        "model_rss_gib": rss_model,
+        "build_s": build_s,
+        "resident_copies": len(official_copies),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=1, help="timed steps per row (after one warm-up step)")
+    parser.add_argument("--out", type=Path, default=Path("bench_out"))
+    parser.add_argument("--_row", nargs=2, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args._row:
+        print(json.dumps(run_row(args._row[0], int(args._row[1]))))
+        return 0
+    rows = []
+    for layout in ("shared", "three copies"):
+        r = row_in_subprocess(__file__, layout, str(args.steps))
+        if r is None:
+            return 1
+        rows.append(r)
+        print(f"{layout:12s} {r['s_per_step']:7.1f} s/step  peak {r['peak_rss_gib']:5.2f} GiB", flush=True)
+    args.out.mkdir(exist_ok=True)
+    info = {"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(), "rows": rows}
+    (args.out / "osediff_vsd.json").write_text(json.dumps(info, indent=1))
+    official = rows[1]["peak_rss_gib"]
+    print("\n| UNets held | s / step | peak RSS (GiB) | vs three copies |")
+    print("| --- | --- | --- | --- |")
+    for r in rows:
+        share = r["peak_rss_gib"] / official
+        print(f"| {r['layout']} | {r['s_per_step']:.1f} | {r['peak_rss_gib']:.2f} | {share:.0%} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
