@@ -107,6 +107,7 @@ def _check_factors(module, name: str, a: torch.Tensor, b: torch.Tensor, source: 
     hint = "wrong base model for these weights?"
     if module is None:
         raise CheckpointError(f"{source}: LoRA targets module {name!r}, which the base model does not have; {hint}")
+    module = getattr(module, "base_layer", module)  # a layer that already carries an adapter: its base layer
     if not isinstance(module, (nn.Linear, nn.Conv2d)):
         raise CheckpointError(f"{source}: LoRA target {name!r} is a {type(module).__name__}, not Linear/Conv2d")
     w = module.weight

@@ -153,7 +153,31 @@ def collate(samples: list[Sample]) -> dict:
         "degradation": [s.degradation for s in samples],
         "path": [s.path for s in samples],
         "prompt": [caption_of(s.path) for s in samples],
+        **prompt_embeddings_of([s.path for s in samples]),
     }
+
+
+def prompt_embeddings_of(image_paths: list[str]) -> dict:
+    """Per-image prompt embeddings for objectives that condition on them (TSD-SR's teacher): `<name>.safetensors`
+    beside each image with tensors `prompt_embeds` [N, D] and `pooled_prompt_embeds` [P] (a leading 1 is fine).
+    All or none of a batch's images must have one."""
+    files = [Path(p).with_suffix(".safetensors") for p in image_paths]
+    present = [f.is_file() for f in files]
+    if not any(present):
+        return {}
+    if not all(present):
+        missing = files[present.index(False)]
+        raise ValueError(f"some training images have prompt embeddings beside them and others not (no {missing})")
+    from safetensors.torch import load_file
+
+    embeds, pooled = [], []
+    for f in files:
+        state = load_file(f)
+        if not {"prompt_embeds", "pooled_prompt_embeds"} <= state.keys():
+            raise ValueError(f"{f}: expected tensors prompt_embeds and pooled_prompt_embeds, found {sorted(state)}")
+        embeds.append(state["prompt_embeds"].reshape(state["prompt_embeds"].shape[-2:]).float())
+        pooled.append(state["pooled_prompt_embeds"].reshape(-1).float())
+    return {"prompt_embeds": torch.stack(embeds), "pooled_prompt_embeds": torch.stack(pooled)}
 
 
 def caption_of(image_path: str) -> str | None:

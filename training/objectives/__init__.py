@@ -9,12 +9,14 @@ from __future__ import annotations
 from .base import Objective, Phase, get_objective, objective_names, register_objective
 from .osediff_vsd import OSEDiffVSDObjective
 from .regression import RegressionObjective
+from .tsdsr_tsd import TSDSRObjective
 
 __all__ = [
     "OSEDiffVSDObjective",
     "Objective",
     "Phase",
     "RegressionObjective",
+    "TSDSRObjective",
     "get_objective",
     "objective_names",
     "register_objective",
