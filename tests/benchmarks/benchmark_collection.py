@@ -141,7 +141,10 @@ def main() -> int:
     parser.add_argument("--images", type=int, default=16)
     parser.add_argument("--side", type=int, default=128, help="LQ side (the output is 4x)")
     parser.add_argument(
-        "--rows", choices=("cpu", "cuda", "all"), default="cpu", help="CPU rows, GPU rows (1 process), or both"
+        "--rows",
+        choices=("cpu", "processes", "cuda", "all"),
+        default="cpu",
+        help="CPU rows; only the 1 vs 2 process rows; GPU rows (1 process); or CPU and GPU",
     )
     args = parser.parse_args()
     if args.worker:
@@ -151,8 +154,10 @@ def main() -> int:
 
     rows = []
     configs = []  # (processes, threads each, batch size, device)
+    if args.rows in ("cpu", "all", "processes"):
+        configs += [(1, 1, 1, "cpu"), (2, 1, 1, "cpu")]
     if args.rows in ("cpu", "all"):
-        configs += [(1, 1, 1, "cpu"), (2, 1, 1, "cpu"), (1, 1, 4, "cpu"), (1, 2, 1, "cpu")]
+        configs += [(1, 1, 4, "cpu"), (1, 2, 1, "cpu")]
     if args.rows in ("cuda", "all"):
         configs += [(1, 4, 1, "cuda"), (1, 4, 4, "cuda"), (1, 4, 16, "cuda")]
     with tempfile.TemporaryDirectory() as tmp:

@@ -21,7 +21,6 @@ import argparse
 import copy
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -29,7 +28,7 @@ from pathlib import Path
 
 from benchmark_tiling import peak_rss_gib  # (this folder is on sys.path when the script runs)
 from benchmark_training import build_pipeline as build_generator
-from benchmark_training import row_in_subprocess, scratch_training_files
+from benchmark_training import compare_layouts, scratch_training_files
 
 
 def build_pipeline():
@@ -104,23 +103,9 @@ def main() -> int:
     if args._row:
         print(json.dumps(run_row(args._row[0], int(args._row[1]))))
         return 0
-    rows = []
-    for layout in ("shared", "three copies"):
-        r = row_in_subprocess(__file__, layout, str(args.steps))
-        if r is None:
-            return 1
-        rows.append(r)
-        print(f"{layout:12s} {r['s_per_step']:7.1f} s/step  peak {r['peak_rss_gib']:5.2f} GiB", flush=True)
-    args.out.mkdir(exist_ok=True)
-    info = {"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(), "rows": rows}
-    (args.out / "osediff_vsd.json").write_text(json.dumps(info, indent=1))
-    official = rows[1]["peak_rss_gib"]
-    print("\n| UNets held | s / step | peak RSS (GiB) | vs three copies |")
-    print("| --- | --- | --- | --- |")
-    for r in rows:
-        share = r["peak_rss_gib"] / official
-        print(f"| {r['layout']} | {r['s_per_step']:.1f} | {r['peak_rss_gib']:.2f} | {share:.0%} |")
-    return 0
+    return compare_layouts(
+        __file__, ("shared", "three copies"), [str(args.steps)], args.out / "osediff_vsd.json", "UNets"
+    )
 
 
 if __name__ == "__main__":

@@ -99,6 +99,29 @@ def row_in_subprocess(script: str, *args: str) -> dict | None:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def compare_layouts(script: str, layouts: tuple[str, ...], args: list[str], out: Path, what: str) -> int:
+    """One row per model layout (`script --_row LAYOUT *args`), the last one the official layout: the table of
+    seconds per step and peak memory against it, on stdout and as JSON in `out`."""
+    rows = []
+    for layout in layouts:
+        r = row_in_subprocess(script, layout, *args)
+        if r is None:
+            return 1
+        rows.append(r)
+        print(f"{layout:12s} {r['s_per_step']:7.1f} s/step  peak {r['peak_rss_gib']:5.2f} GiB", flush=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    info = {"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(), "rows": rows}
+    out.write_text(json.dumps(info, indent=1))
+    official = rows[-1]["peak_rss_gib"]
+    print(f"\n| {what} held | s / step | peak RSS (GiB) | vs {layouts[-1]} |")
+    print("| --- | --- | --- | --- |")
+    for r in rows:
+        print(
+            f"| {r['layout']} | {r['s_per_step']:.1f} | {r['peak_rss_gib']:.2f} | {r['peak_rss_gib'] / official:.0%} |"
+        )
+    return 0
+
+
 def run_row(precision: str, checkpointing: bool, steps: int) -> dict:
     import torch
 

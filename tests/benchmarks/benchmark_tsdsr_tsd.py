@@ -21,14 +21,13 @@ import argparse
 import copy
 import json
 import os
-import platform
 import statistics
 import sys
 import time
 from pathlib import Path
 
 from benchmark_tiling import peak_rss_gib  # (this folder is on sys.path when the script runs)
-from benchmark_training import row_in_subprocess, scratch_training_files
+from benchmark_training import compare_layouts, scratch_training_files
 
 STUDENT_TARGETS = ["to_k", "to_q", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "proj", "linear"]
 STUDENT_TARGETS += ["proj_out"]
@@ -134,23 +133,8 @@ def main() -> int:
     if args._row:
         print(json.dumps(run_row(args._row[0], args._row[1], int(args._row[2]))))
         return 0
-    rows = []
-    for layout in ("shared", "two copies"):
-        r = row_in_subprocess(__file__, layout, args.precision, str(args.steps))
-        if r is None:
-            return 1
-        rows.append(r)
-        print(f"{layout:12s} {r['s_per_step']:7.1f} s/step  peak {r['peak_rss_gib']:5.2f} GiB", flush=True)
-    args.out.mkdir(exist_ok=True)
-    info = {"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(), "rows": rows}
-    (args.out / "tsdsr_tsd.json").write_text(json.dumps(info, indent=1))
-    official = rows[1]["peak_rss_gib"]
-    print("\n| transformers held | precision | s / step | peak RSS (GiB) | vs two copies |")
-    print("| --- | --- | --- | --- | --- |")
-    for r in rows:
-        share = r["peak_rss_gib"] / official
-        print(f"| {r['layout']} | {r['precision']} | {r['s_per_step']:.1f} | {r['peak_rss_gib']:.2f} | {share:.0%} |")
-    return 0
+    out = args.out / f"tsdsr_tsd_{args.precision}.json"
+    return compare_layouts(__file__, ("shared", "two copies"), [args.precision, str(args.steps)], out, "transformers")
 
 
 if __name__ == "__main__":

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import abc
+import dataclasses
+import typing
+import warnings
 from dataclasses import dataclass
 
 import torch
 
-from ..config import ConfigError
+from ..config import ConfigError, coerce
 
 
 @dataclass
@@ -87,6 +90,39 @@ def keep_trained_flags(model: torch.nn.Module, trained: set[int]) -> None:
     """peft's adapter switching turns requires_grad on and off; put it back to what the loop trains."""
     for p in model.parameters():
         p.requires_grad_(id(p) in trained)
+
+
+def add_adapter(model: torch.nn.Module, config, name: str, prefix: str) -> dict[str, torch.nn.Parameter]:
+    """Add a peft LoRA adapter `name` beside the model's others (an objective's second or third model on one
+    frozen base) and return its LoRA factors by `prefix.<parameter name>`."""
+    with warnings.catch_warnings():  # peft warns about several adapters on one model: that is the point here
+        warnings.filterwarnings("ignore", message=".*multiple adapters.*")
+        model.add_adapter(config, adapter_name=name)
+    return {
+        f"{prefix}.{key}": p
+        for key, p in model.named_parameters()
+        if f".lora_A.{name}." in key or f".lora_B.{name}." in key
+    }
+
+
+def settings_from_extra(cls, extra: dict, objective: str):
+    """An objective's settings dataclass from the config's `extra:` mapping: unknown keys and wrong types are
+    ConfigErrors naming the key; fields ending in `timesteps` are [low, high] randint ranges within [0, 1000]."""
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(extra) - fields)
+    if unknown:
+        raise ConfigError(f"extra: unknown {objective} setting(s) {unknown}; valid: {sorted(fields)}")
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for key, value in extra.items():
+        if key.endswith("timesteps"):
+            ok = isinstance(value, (list, tuple)) and len(value) == 2 and all(type(v) is int for v in value)
+            if not ok or not 0 <= value[0] < value[1] <= 1000:
+                raise ConfigError(f"extra.{key} = {value!r}: expected [low, high] with 0 <= low < high <= 1000")
+            values[key] = (value[0], value[1])
+        else:
+            values[key] = coerce(f"extra.{key}", value, hints[key])
+    return cls(**values)
 
 
 _OBJECTIVES: dict[str, type[Objective]] = {}

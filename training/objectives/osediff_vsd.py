@@ -29,10 +29,7 @@ Settings (config `extra:`): see `VSDSettings`.
 
 from __future__ import annotations
 
-import dataclasses
 import os
-import typing
-import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,8 +40,16 @@ import torch.nn.functional as F
 from ...pipelines.methods.osediff import ADAPTER, OSEDIFF_LORA_ALPHA, unet_adapter_of
 from ...pipelines.pipeline_base import Conditioning
 from ...pipelines.tiling.plan import TilingPlan, vae_encode
-from ..config import ConfigError, TrainConfig, coerce
-from .base import Objective, Phase, SampleDraws, keep_trained_flags, register_objective
+from ..config import ConfigError, TrainConfig
+from .base import (
+    Objective,
+    Phase,
+    SampleDraws,
+    add_adapter,
+    keep_trained_flags,
+    register_objective,
+    settings_from_extra,
+)
 from .regression import perceptual_value
 
 # train_osediff.sh's negative prompt, used only in the VSD's CFG
@@ -75,21 +80,7 @@ class VSDSettings:
 
     @classmethod
     def from_extra(cls, extra: dict) -> VSDSettings:
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = sorted(set(extra) - set(fields))
-        if unknown:
-            raise ConfigError(f"extra: unknown osediff-vsd setting(s) {unknown}; valid: {sorted(fields)}")
-        hints = typing.get_type_hints(cls)
-        values = {}
-        for key, value in extra.items():
-            if key.endswith("timesteps"):
-                ok = isinstance(value, (list, tuple)) and len(value) == 2 and all(type(v) is int for v in value)
-                if not ok or not 0 <= value[0] < value[1] <= 1000:
-                    raise ConfigError(f"extra.{key} = {value!r}: expected [low, high] with 0 <= low < high <= 1000")
-                values[key] = (value[0], value[1])
-            else:
-                values[key] = coerce(f"extra.{key}", value, hints[key])
-        settings = cls(**values)
+        settings = settings_from_extra(cls, extra, "osediff-vsd")
         if settings.regulariser_rank is not None and settings.regulariser_rank < 1:
             raise ConfigError(f"extra.regulariser_rank = {settings.regulariser_rank}: expected a whole number >= 1")
         if settings.regulariser_modules not in ("others", "all"):
@@ -163,14 +154,7 @@ class OSEDiffVSDObjective(Objective):
             init_lora_weights="gaussian",
             target_modules="^(" + "|".join(n.replace(".", r"\.") for n in targets) + ")$",
         )
-        with warnings.catch_warnings():  # a second adapter on the UNet is the point here
-            warnings.filterwarnings("ignore", message=".*multiple adapters.*")
-            self.unet.add_adapter(config, adapter_name=REGULARISER)
-        return {
-            f"unet.{name}": p
-            for name, p in self.unet.named_parameters()
-            if f".lora_A.{REGULARISER}." in name or f".lora_B.{REGULARISER}." in name
-        }
+        return add_adapter(self.unet, config, REGULARISER, "unet")
 
     def _load_tagger(self):
         if self.settings.tagger is None:

@@ -28,9 +28,7 @@ Settings (config `extra:`): see `TSDSettings`.
 
 from __future__ import annotations
 
-import dataclasses
 import os
-import typing
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,8 +40,16 @@ from ...pipelines.loading.files import CheckpointError, read_weights
 from ...pipelines.loading.lora import apply_lora
 from ...pipelines.methods.tsdsr import ADAPTER, parse_tsdsr_lora
 from ...pipelines.tiling.plan import TilingPlan, vae_encode
-from ..config import ConfigError, TrainConfig, coerce
-from .base import Objective, Phase, SampleDraws, keep_trained_flags, register_objective
+from ..config import ConfigError, TrainConfig
+from .base import (
+    Objective,
+    Phase,
+    SampleDraws,
+    add_adapter,
+    keep_trained_flags,
+    register_objective,
+    settings_from_extra,
+)
 
 TEACHER, REGULARISER = "tsd_teacher", "tsd_regulariser"
 # the official fake score's targets (the attention projections only; the student's list is wider)
@@ -69,21 +75,7 @@ class TSDSettings:
 
     @classmethod
     def from_extra(cls, extra: dict) -> TSDSettings:
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(extra) - fields)
-        if unknown:
-            raise ConfigError(f"extra: unknown tsdsr-tsd setting(s) {unknown}; valid: {sorted(fields)}")
-        hints = typing.get_type_hints(cls)
-        values = {}
-        for key, value in extra.items():
-            if key.endswith("timesteps"):
-                ok = isinstance(value, (list, tuple)) and len(value) == 2 and all(type(v) is int for v in value)
-                if not ok or not 0 <= value[0] < value[1] <= 1000:
-                    raise ConfigError(f"extra.{key} = {value!r}: expected [low, high] with 0 <= low < high <= 1000")
-                values[key] = (value[0], value[1])
-            else:
-                values[key] = coerce(f"extra.{key}", value, hints[key])
-        settings = cls(**values)
+        settings = settings_from_extra(cls, extra, "tsdsr-tsd")
         for key in ("teacher_lora", "null_embeddings"):
             path = getattr(settings, key)
             if not path or not Path(path).exists():
@@ -140,14 +132,7 @@ class TSDSRObjective(Objective):
 
         rank = self.settings.regulariser_rank
         config = LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=REGULARISER_TARGETS)
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*multiple adapters.*")
-            self.transformer.add_adapter(config, adapter_name=REGULARISER)
-        return {
-            f"transformer.{name}": p
-            for name, p in self.transformer.named_parameters()
-            if f".lora_A.{REGULARISER}." in name or f".lora_B.{REGULARISER}." in name
-        }
+        return add_adapter(self.transformer, config, REGULARISER, "transformer")
 
     def modules(self) -> list[torch.nn.Module]:
         vae = self.pipe.vae
