@@ -219,6 +219,7 @@ class Trainer:
             pipe = load_pipeline(
                 c.base, c.weights, dtype="fp32", device=self.device, fuse_lora=False, method=c.method, **options
             )
+        pipe.to(self.device)  # (a pipeline built in Python comes wherever it was made)
         pipe.set_progress_bar_config(disable=True)
         for module in pipe.components.values():
             if isinstance(module, torch.nn.Module):

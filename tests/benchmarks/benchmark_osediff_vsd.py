@@ -44,7 +44,13 @@ def build_pipeline():
     return pipe
 
 
-def run_row(layout: str, steps: int) -> dict:
+def peak_memory_gib(device: str) -> float:
+    import torch
+
+    return torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else peak_rss_gib()
+
+
+def run_row(layout: str, steps: int, device: str = "cpu", crop: int = 256, batch_size: int = 1) -> dict:
     import torch
     from safetensors.torch import save_file
 
@@ -63,7 +69,8 @@ def run_row(layout: str, steps: int) -> dict:
     )
     config = TrainConfig.from_dict(
         dict(objective="osediff-vsd", base=str(tmp / "base"), train_data=str(tmp / "hq"), crop_size=256,
-             perceptual_weights=str(tmp), output_dir=str(tmp / "out"), gradient_checkpointing=True, device="cpu"),
+             perceptual_weights=str(tmp), output_dir=str(tmp / "out"), gradient_checkpointing=True, device=device,
+             mixed_precision="bf16" if device == "cuda" else "no"),
         check_paths=False,
     )  # fmt: skip
     t0 = time.perf_counter()
@@ -77,7 +84,11 @@ def run_row(layout: str, steps: int) -> dict:
             official_copies.append(copy.deepcopy(pipe.text_encoder))
     build_s = time.perf_counter() - t0
     rss_model = peak_rss_gib()
-    batch = {"hq": torch.rand(1, 3, 256, 256), "lq": torch.rand(1, 3, 256, 256), "seed": [0], "prompt": ["a cat"]}
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    shape = (batch_size, 3, crop, crop)
+    batch = {"hq": torch.rand(shape), "lq": torch.rand(shape), "seed": list(range(batch_size))}
+    batch["prompt"] = ["a cat"] * batch_size
     times = []
     for i in range(steps + 1):
         t = time.perf_counter()
@@ -87,7 +98,11 @@ def run_row(layout: str, steps: int) -> dict:
     return {
         "layout": layout,
         "s_per_step": statistics.median(times),
-        "peak_rss_gib": peak_rss_gib(),
+        "peak_gib": peak_memory_gib(device),
+        "memory": "CUDA allocated" if device == "cuda" else "RSS",
+        "device": device,
+        "crop": crop,
+        "batch_size": batch_size,
         "model_rss_gib": rss_model,
         "build_s": build_s,
         "resident_copies": len(official_copies),
@@ -98,14 +113,18 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=1, help="timed steps per row (after one warm-up step)")
     parser.add_argument("--out", type=Path, default=Path("bench_out"))
-    parser.add_argument("--_row", nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="cuda: bf16 autocast, CUDA peak")
+    parser.add_argument("--crop", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--_row", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args._row:
-        print(json.dumps(run_row(args._row[0], int(args._row[1]))))
+        layout, steps, device, crop, batch = args._row
+        print(json.dumps(run_row(layout, int(steps), device, int(crop), int(batch))))
         return 0
-    return compare_layouts(
-        __file__, ("shared", "three copies"), [str(args.steps)], args.out / "osediff_vsd.json", "UNets"
-    )
+    row_args = [str(args.steps), args.device, str(args.crop), str(args.batch_size)]
+    out = args.out / f"osediff_vsd_{args.device}.json"
+    return compare_layouts(__file__, ("shared", "three copies"), row_args, out, "UNets")
 
 
 if __name__ == "__main__":

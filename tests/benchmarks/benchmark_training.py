@@ -108,17 +108,15 @@ def compare_layouts(script: str, layouts: tuple[str, ...], args: list[str], out:
         if r is None:
             return 1
         rows.append(r)
-        print(f"{layout:12s} {r['s_per_step']:7.1f} s/step  peak {r['peak_rss_gib']:5.2f} GiB", flush=True)
+        print(f"{layout:12s} {r['s_per_step']:7.1f} s/step  peak {r['peak_gib']:5.2f} GiB", flush=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     info = {"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(), "rows": rows}
     out.write_text(json.dumps(info, indent=1))
-    official = rows[-1]["peak_rss_gib"]
-    print(f"\n| {what} held | s / step | peak RSS (GiB) | vs {layouts[-1]} |")
+    official = rows[-1]["peak_gib"]
+    print(f"\n| {what} held | s / step | peak {rows[0]['memory']} (GiB) | vs {layouts[-1]} |")
     print("| --- | --- | --- | --- |")
     for r in rows:
-        print(
-            f"| {r['layout']} | {r['s_per_step']:.1f} | {r['peak_rss_gib']:.2f} | {r['peak_rss_gib'] / official:.0%} |"
-        )
+        print(f"| {r['layout']} | {r['s_per_step']:.1f} | {r['peak_gib']:.2f} | {r['peak_gib'] / official:.0%} |")
     return 0
 
 

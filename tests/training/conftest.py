@@ -11,6 +11,10 @@ import torch.nn.functional as F
 from PIL import Image
 
 from perceptual_weights import write_backbone_files
+from training_helpers import TRAIN_TEST_DEVICE
+
+if TRAIN_TEST_DEVICE.startswith("cuda"):  # true fp32 for the parity tolerances (PyTorch lets cuDNN use TF32)
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
 
 
 def write_images(folder: Path, count: int, size: tuple[int, int], seed: int) -> Path:

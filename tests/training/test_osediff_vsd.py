@@ -21,6 +21,7 @@ from onestep_sr.training.config import TrainConfig
 from onestep_sr.training.loop import Trainer
 
 from helpers import OSEDIFF_PARITY, parity_dir
+from training_helpers import TRAIN_TEST_DEVICE
 
 PARITY = parity_dir("train-osediff")
 TINY_SD21 = OSEDIFF_PARITY / "tiny-sd21"  # the same folder (its hashes are checked below)
@@ -150,14 +151,14 @@ def build_trainer(c: Case, tmp: Path, config_changes: dict | None = None, extra:
         perceptual="lpips-vgg",
         perceptual_weight=2.0,
         perceptual_weights=str(lpips_backbone(tmp)),
-        device="cpu",
+        device=TRAIN_TEST_DEVICE,
         output_dir=str(tmp / "out"),
         export=False,
         extra=extra or {},
     )
     values.update(config_changes or {})
     config = TrainConfig.from_dict(values)
-    pipe = load_pipeline(TINY_SD21, weights, dtype="fp32", device="cpu", fuse_lora=False)
+    pipe = load_pipeline(TINY_SD21, weights, dtype="fp32", device=TRAIN_TEST_DEVICE, fuse_lora=False)
     trainer = Trainer(config, pipe=pipe)
     objective = trainer.objective
     named = {**objective.generator_params, **objective.regulariser_params}
@@ -175,7 +176,7 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def param_metrics(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> dict[str, float]:
-    diffs = [(got[k].detach().float() - want[k]).abs().flatten() for k in want]
+    diffs = [(got[k].detach().cpu().float() - want[k]).abs().flatten() for k in want]
     every = torch.cat(diffs)
     return {
         "params_mean_abs": float(every.mean()),
@@ -234,11 +235,11 @@ def run_case(c: Case, tmp: Path, config_changes=None, extra=None, patch=None, st
         for key, value in objective.trace.items():
             if key in forward and step == 1:
                 want = forward[key]
-                worst("step1_intermediate_rel", float((value - want).abs().max() / want.abs().max()))
+                worst("step1_intermediate_rel", float((value.cpu() - want).abs().max() / want.abs().max()))
         if step == 1:
             for which, prefix in (("generator", "grad_gen"), ("regulariser", "grad_reg")):
                 want = {ours(k.split("/", 2)[2]): v for k, v in c.grads.items() if k.startswith(f"step1/{prefix}/")}
-                got = {k: captured[which].get(id(named[k]), torch.zeros_like(named[k])) for k in want}
+                got = {k: captured[which].get(id(named[k]), torch.zeros_like(named[k])).cpu() for k in want}
                 delta = sum(float((got[k] - want[k]).norm() ** 2) for k in want) ** 0.5
                 total = sum(float(want[k].norm() ** 2) for k in want) ** 0.5
                 worst("step1_grad_global_rel", delta / total)

@@ -23,6 +23,7 @@ from onestep_sr.training.loop import Trainer
 from onestep_sr.training.objectives.tsdsr_tsd import REGULARISER
 
 from helpers import TSDSR_PARITY, parity_dir
+from training_helpers import TRAIN_TEST_DEVICE
 
 PARITY = parity_dir("train-tsdsr")
 TINY_SD3 = TSDSR_PARITY / "tiny-sd3"  # byte-identical to the training data's (README)
@@ -159,7 +160,7 @@ def build_trainer(run: Run, tmp: Path, config_changes=None, extra_changes=None) 
         perceptual="lpips-alex",
         perceptual_weight=1.0,
         perceptual_weights=str(alexnet_file(tmp)),
-        device="cpu",
+        device=TRAIN_TEST_DEVICE,
         output_dir=str(tmp / "out"),
         export=False,
         extra=dict(
@@ -172,7 +173,9 @@ def build_trainer(run: Run, tmp: Path, config_changes=None, extra_changes=None) 
         ),
     )
     values.update(config_changes or {})
-    pipe = load_pipeline(TINY_SD3, weights, embeddings=values["embeddings"], dtype="fp32", fuse_lora=False)
+    pipe = load_pipeline(
+        TINY_SD3, weights, embeddings=values["embeddings"], dtype="fp32", device=TRAIN_TEST_DEVICE, fuse_lora=False
+    )
     trainer = Trainer(TrainConfig.from_dict(values), pipe=pipe)
     trainer.objective.draws = RecordedDraws(run)
     return trainer
@@ -191,7 +194,8 @@ def load_state(trainer: Trainer, state: dict[str, torch.Tensor]) -> None:
 
 
 def max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30))
+    a, b = a.detach().cpu().float(), b.cpu().float()
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
 
 
 def teacher_forced(run: Run, tmp: Path, config_changes=None, extra_changes=None, patch=None) -> dict[str, float]:
@@ -229,7 +233,7 @@ def teacher_forced(run: Run, tmp: Path, config_changes=None, extra_changes=None,
                 worst("forward_rel", max_rel(value, ref.reshape(value.shape)))
         for phase, prefix, key in (("generator", "g", "gen_grad_rel"), ("reg", "reg", "reg_grad_rel")):
             want = {ours(k.split("/", 2)[2]): v for k, v in run.grads.items() if k.startswith(f"step{step}/{prefix}/")}
-            got = {k: captured[phase].get(id(named[k]), torch.zeros_like(named[k])) for k in want}
+            got = {k: captured[phase].get(id(named[k]), torch.zeros_like(named[k])).cpu() for k in want}
             delta = sum(float((got[k] - want[k]).norm() ** 2) for k in want) ** 0.5
             total = sum(float(want[k].norm() ** 2) for k in want) ** 0.5
             worst(key, delta / total)
@@ -257,10 +261,11 @@ def replay_updates(run: Run, tmp: Path, config_changes=None, extra_changes=None)
                 p.grad = None
             for k, v in run.grads.items():
                 if k.startswith(f"step{step}/{prefix}/"):
-                    named[ours(k.split("/", 2)[2])].grad = v.clone()
+                    param = named[ours(k.split("/", 2)[2])]
+                    param.grad = v.to(param.device).clone()
             trainer.apply_gradients(phase)
         for k, v in run.state(f"step{step}").items():
-            worst = max(worst, float((named[ours(k)].detach() - v).abs().max()))
+            worst = max(worst, float((named[ours(k)].detach().cpu() - v).abs().max()))
     return worst
 
 
