@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import psutil
 import pytest
+import torch
 from PIL import Image
 
 from onestep_sr.cli import main
@@ -174,7 +175,7 @@ def test_one_device_for_several_processes_is_refused():
 
     class Two:
         num_processes, process_index = 2, 1
-        device = __import__("torch").device("cuda", 1)
+        device = torch.device("cuda", 1)
 
     processes.state = Two()
     assert processes.device("auto") == "cuda:1" and processes.device("cpu") == "cpu"

@@ -21,14 +21,13 @@ import argparse
 import copy
 import json
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
 
 from benchmark_tiling import peak_rss_gib  # (this folder is on sys.path when the script runs)
 from benchmark_training import build_pipeline as build_generator
-from benchmark_training import compare_layouts, scratch_training_files
+from benchmark_training import compare_layouts, median_step_seconds, scratch_training_files
 
 
 def build_pipeline():
@@ -89,15 +88,10 @@ def run_row(layout: str, steps: int, device: str = "cpu", crop: int = 256, batch
     shape = (batch_size, 3, crop, crop)
     batch = {"hq": torch.rand(shape), "lq": torch.rand(shape), "seed": list(range(batch_size))}
     batch["prompt"] = ["a cat"] * batch_size
-    times = []
-    for i in range(steps + 1):
-        t = time.perf_counter()
-        trainer.train_step([batch])
-        if i:
-            times.append(time.perf_counter() - t)
+    seconds = median_step_seconds(trainer, batch, steps)
     return {
         "layout": layout,
-        "s_per_step": statistics.median(times),
+        "s_per_step": seconds,
         "peak_gib": peak_memory_gib(device),
         "memory": "CUDA allocated" if device == "cuda" else "RSS",
         "device": device,

@@ -120,6 +120,17 @@ def compare_layouts(script: str, layouts: tuple[str, ...], args: list[str], out:
     return 0
 
 
+def median_step_seconds(trainer, batch: dict, steps: int) -> float:
+    """The median time of `steps` training steps after one warm-up step."""
+    times = []
+    for i in range(steps + 1):
+        t = time.perf_counter()
+        trainer.train_step([batch])
+        if i:
+            times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
 def run_row(precision: str, checkpointing: bool, steps: int) -> dict:
     import torch
 
@@ -139,17 +150,12 @@ def run_row(precision: str, checkpointing: bool, steps: int) -> dict:
     build_s = time.perf_counter() - t0
     rss_model = peak_rss_gib()
     batch = {"hq": torch.rand(1, 3, 256, 256), "lq": torch.rand(1, 3, 256, 256), "seed": [0]}
-    times = []
-    for i in range(steps + 1):
-        t = time.perf_counter()
-        trainer.train_step([batch])
-        if i:
-            times.append(time.perf_counter() - t)
+    seconds = median_step_seconds(trainer, batch, steps)
     trainable = sum(p.numel() for p in trainer.trainable.values())
     return {
         "precision": precision,
         "checkpointing": checkpointing,
-        "s_per_step": statistics.median(times),
+        "s_per_step": seconds,
         "peak_rss_gib": peak_rss_gib(),
         "model_rss_gib": rss_model,
         "build_s": build_s,

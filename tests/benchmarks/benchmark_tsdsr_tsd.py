@@ -21,13 +21,12 @@ import argparse
 import copy
 import json
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
 
 from benchmark_tiling import peak_rss_gib  # (this folder is on sys.path when the script runs)
-from benchmark_training import compare_layouts, scratch_training_files
+from benchmark_training import compare_layouts, median_step_seconds, scratch_training_files
 
 STUDENT_TARGETS = ["to_k", "to_q", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "proj", "linear"]
 STUDENT_TARGETS += ["proj_out"]
@@ -106,16 +105,11 @@ def run_row(layout: str, precision: str, steps: int) -> dict:
     rss_model = peak_rss_gib()
     reset_peak_rss()  # the training step's peak, not the build's (random init runs in fp32 before the cast)
     batch = {"hq": torch.rand(1, 3, 256, 256), "lq": torch.rand(1, 3, 256, 256), "seed": [0]}
-    times = []
-    for i in range(steps + 1):
-        t = time.perf_counter()
-        trainer.train_step([batch])
-        if i:
-            times.append(time.perf_counter() - t)
+    seconds = median_step_seconds(trainer, batch, steps)
     return {
         "layout": layout,
         "precision": precision,
-        "s_per_step": statistics.median(times),
+        "s_per_step": seconds,
         "peak_gib": peak_rss_gib(),
         "memory": "RSS",
         "model_rss_gib": rss_model,

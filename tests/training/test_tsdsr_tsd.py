@@ -287,8 +287,8 @@ def exceeded(metrics: dict) -> list[str]:
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_teacher_forced_steps(case, mode, tmp_path):
-    metrics = run_metrics = teacher_forced(run_record(case, mode), tmp_path)
-    trainer = run_metrics.pop("trainer")
+    metrics = teacher_forced(run_record(case, mode), tmp_path)
+    trainer = metrics.pop("trainer")
     assert set(LIMITS) <= set(metrics)
     assert exceeded(metrics) == [], metrics
     # what the trainer saves, from the recorded final parameters: the official files, bit for bit

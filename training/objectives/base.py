@@ -37,6 +37,7 @@ class Objective(abc.ABC):
     """One method's training objective over a pipeline built for training (LoRA unfused, fp32 weights)."""
 
     name: str = ""
+    trace: dict[str, torch.Tensor] | None = None  # a dict: intermediates kept by name (tests, debugging)
 
     @property
     @abc.abstractmethod
@@ -49,6 +50,11 @@ class Objective(abc.ABC):
     def modules(self) -> list[torch.nn.Module]:
         """Modules to checkpoint for memory (gradient checkpointing)."""
         return []
+
+    def keep(self, **tensors: torch.Tensor) -> None:
+        """Keep intermediates (detached copies) in `trace` when it is a dict."""
+        if self.trace is not None:
+            self.trace.update({k: v.detach().clone() for k, v in tensors.items()})
 
     def after_step(self) -> None:
         """Called after every phase of an optimizer step ran (e.g. to put the pipeline back as inference uses

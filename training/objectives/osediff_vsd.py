@@ -113,7 +113,6 @@ class OSEDiffVSDObjective(Objective):
         self.trained = {id(p) for p in (*self.generator_params.values(), *self.regulariser_params.values())}
         self.tagger = self._load_tagger()
         self._pending: list[tuple] = []  # this step's (z, c, seeds) for the regulariser
-        self.trace: dict[str, torch.Tensor] | None = None  # a dict: intermediates kept by name (tests, debugging)
         with torch.no_grad():
             self.negative = pipe.encode_prompt(self.settings.negative_prompt, None, None, 0, pipe.device).embeds
         self.use("generator")
@@ -248,10 +247,6 @@ class OSEDiffVSDObjective(Objective):
         out["loss"] = loss + self.settings.vsd_weight * out["vsd"]
         self._pending.append((z.detach(), embeds, seeds))
         return out
-
-    def keep(self, **tensors: torch.Tensor) -> None:
-        if self.trace is not None:
-            self.trace.update({k: v.detach().clone() for k, v in tensors.items()})
 
     def eps_to_x0(self, noisy: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         alpha = self.pipe.scheduler.alphas_cumprod.to(noisy.device)[t].float().view(-1, 1, 1, 1)

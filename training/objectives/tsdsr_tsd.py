@@ -109,7 +109,6 @@ class TSDSRObjective(Objective):
         self.trained = {id(p) for p in (*self.student_params.values(), *self.regulariser_params.values())}
         self.null = read_embeddings(self.settings.null_embeddings, pipe.device)
         self._pending: list[tuple] = []
-        self.trace: dict[str, torch.Tensor] | None = None
         self.use(ADAPTER)
 
     @property
@@ -145,10 +144,6 @@ class TSDSRObjective(Objective):
 
     def after_step(self) -> None:
         self.use(ADAPTER)  # what validation, export and inference see
-
-    def keep(self, **tensors: torch.Tensor) -> None:
-        if self.trace is not None:
-            self.trace.update({k: v.detach().clone() for k, v in tensors.items()})
 
     # ------------------------------------------------------------------ the losses
 
