@@ -3,6 +3,7 @@
     step-00000300/
         state.json                 step, config, phases, optimizer param groups, LR schedulers, fp16 scaler
         trainable.safetensors      the trained weights (by name)
+        buffers.safetensors        the objective's changing buffers (e.g. spectral norm's vectors), when any
         ema.safetensors            their EMA, when enabled
         optimizer-<phase>.safetensors   the optimizer's per-parameter state
         rng-<rank>.json / .safetensors  every process's RNG states (Python, numpy, torch CPU and CUDA)
@@ -141,8 +142,11 @@ def save_main(
     optimizers: dict[str, torch.optim.Optimizer],
     schedulers: dict[str, Any],
     scaler: torch.amp.GradScaler | None,
+    buffers: dict[str, torch.Tensor] | None = None,
 ) -> None:
     folder.mkdir(parents=True, exist_ok=True)
+    if buffers:
+        save_file({k: v.detach().cpu().contiguous() for k, v in buffers.items()}, str(folder / "buffers.safetensors"))
     save_file({k: v.detach().cpu().contiguous() for k, v in trainable.items()}, str(folder / "trainable.safetensors"))
     if ema is not None:
         save_file({k: v.detach().cpu().contiguous() for k, v in ema.items()}, str(folder / "ema.safetensors"))
@@ -176,6 +180,7 @@ def load_main(
     optimizers: dict[str, torch.optim.Optimizer],
     schedulers: dict[str, Any],
     scaler: torch.amp.GradScaler | None,
+    buffers: dict[str, torch.Tensor] | None = None,
 ) -> int:
     state = read_state(folder)
     weights = load_file(str(folder / "trainable.safetensors"))
@@ -187,6 +192,13 @@ def load_main(
     with torch.no_grad():
         for k, p in trainable.items():
             p.copy_(weights[k])
+        if buffers:
+            path = folder / "buffers.safetensors"
+            stored = load_file(str(path)) if path.is_file() else {}
+            if stored.keys() != buffers.keys():
+                raise ValueError(f"{folder}: the checkpoint's objective buffers do not match this run")
+            for k, v in buffers.items():
+                v.copy_(stored[k])
         if ema is not None:
             stored = load_file(str(folder / "ema.safetensors")) if (folder / "ema.safetensors").is_file() else weights
             for k, v in ema.items():

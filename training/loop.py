@@ -211,13 +211,16 @@ class Trainer:
         c = self.config
         objective_cls = get_objective(c.objective)
         # the perceptual backbone first: a missing file is reported before the (long) model load
-        perceptual = build_perceptual(c, [Path(c.base).parent, Path(c.weights).parent])
+        perceptual = None
+        if objective_cls.perceptual_loss:
+            perceptual = build_perceptual(c, [Path(c.base).parent, Path(c.weights).parent])
         if perceptual is not None:
             perceptual.to(self.device)
         options = {"embeddings": c.embeddings} if c.embeddings else {}
         if pipe is None:
+            method = c.method or objective_cls.method  # (TAD-SR: the student starts as the ResShift teacher file)
             pipe = load_pipeline(
-                c.base, c.weights, dtype="fp32", device=self.device, fuse_lora=False, method=c.method, **options
+                c.base, c.weights, dtype="fp32", device=self.device, fuse_lora=False, method=method, **options
             )
         pipe.to(self.device)  # (a pipeline built in Python comes wherever it was made)
         pipe.set_progress_bar_config(disable=True)
@@ -238,7 +241,8 @@ class Trainer:
         if self.autocast_dtype is not None:
             store_frozen_weights_in(pipe, self.autocast_dtype)
         self.trainable = {f"{ph.name}/{k}": p for ph in self.phases for k, p in ph.parameters.items()}
-        self.ema = EMA(self.trainable, c.ema_decay) if c.ema_decay > 0 else None
+        averaged = {f"{ph.name}/{k}": p for ph in self.phases if ph.ema for k, p in ph.parameters.items()}
+        self.ema = EMA(averaged, c.ema_decay) if c.ema_decay > 0 else None
 
     def _build_optimizers(self) -> None:
         c = self.config
@@ -255,7 +259,8 @@ class Trainer:
                     foreach=False if phase.has_repeats else None,
                 )
             self.optimizers[phase.name] = opt
-            self.schedulers[phase.name] = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(c, s))
+            factor = phase.lr_factor or (lambda s: lr_factor(c, s))
+            self.schedulers[phase.name] = torch.optim.lr_scheduler.LambdaLR(opt, factor)
         fp16 = c.mixed_precision == "fp16"
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=True) if fp16 else None
 
@@ -366,6 +371,7 @@ class Trainer:
                 self.optimizers,
                 self.schedulers,
                 self.scaler,
+                self.objective.buffers(),
             )
         self.accelerator.wait_for_everyone()
         ckpt.save_rank_rng(tmp, self.accelerator.process_index)
@@ -380,7 +386,13 @@ class Trainer:
 
     def load_checkpoint(self, folder: Path) -> int:
         step = ckpt.load_main(
-            folder, self.trainable, self.ema.shadow if self.ema else None, self.optimizers, self.schedulers, self.scaler
+            folder,
+            self.trainable,
+            self.ema.shadow if self.ema else None,
+            self.optimizers,
+            self.schedulers,
+            self.scaler,
+            self.objective.buffers(),
         )
         if not ckpt.load_rank_rng(folder, self.accelerator.process_index):
             print(f"{folder}: no RNG state for process {self.accelerator.process_index} (process count changed?)")

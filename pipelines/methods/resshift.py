@@ -114,12 +114,20 @@ def trainable(pipe: OneStepSRResShiftPipeline) -> dict[str, torch.nn.Parameter]:
 
 
 def write_weights(pipe: OneStepSRResShiftPipeline, path: str | os.PathLike) -> Path:
-    """The official UNet file: a torch.save of the UNet's state dict with the official key names (readable with
-    weights_only=True). The file name picks the schedule at load time (see the detectors): name it as the
-    method it is (e.g. TAD-SR.pth for the one-step computation)."""
+    """The official UNet file as the official trainers save it: `{"state_dict": ...}` with the official key names
+    and the Swin buffers (`relative_position_index`, `attn_mask`) the official model stores, readable with
+    weights_only=True. The file name picks the schedule at load time (see the detectors): name it as the method
+    it is (e.g. TAD-SR.pth for the one-step computation). Written to a temporary name, then renamed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({k: v.detach().float().cpu().clone() for k, v in pipe.unet.state_dict().items()}, path)
+    state = {k: v.detach().float().cpu().clone() for k, v in pipe.unet.state_dict().items()}
+    for name, buffer in pipe.unet.named_buffers():
+        if name.endswith(RECOMPUTED_BUFFERS):
+            stored = buffer.detach().cpu().clone()
+            state[name] = stored if name.endswith("relative_position_index") else stored.float()
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save({"state_dict": state}, tmp)
+    tmp.replace(path)
     return path
 
 

@@ -248,16 +248,33 @@ class ResShiftUNet(ModelMixin, ConfigMixin):
         )
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, lq: torch.Tensor) -> torch.Tensor:
+        skips, h, emb = self._encode(x, timesteps, lq)
+        for block in self.output_blocks:
+            h = block(torch.cat([h, skips.pop()], dim=1), emb)
+        return self.out(h)
+
+    def _encode(self, x, timesteps, lq) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+        """The encoder: every input block's output (the skips), the middle block's output, the embedding."""
         emb = self.time_embed(timestep_embedding(timesteps, self.config.model_channels).to(self.dtype))
         h = torch.cat([x, lq], dim=1).to(self.dtype)
         skips = []
         for block in self.input_blocks:
             h = block(h, emb)
             skips.append(h)
-        h = self.middle_block(h, emb)
-        for block in self.output_blocks:
-            h = block(torch.cat([h, skips.pop()], dim=1), emb)
-        return self.out(h)
+        return skips, self.middle_block(h, emb), emb
+
+    @property
+    def feature_channels(self) -> list[int]:
+        """The channels of `encoder_features`' maps."""
+        c = self.config
+        return [c.model_channels * m for m in c.channel_mult[:-1]] + [c.model_channels * c.channel_mult[-1]] * 2
+
+    def encoder_features(self, x: torch.Tensor, timesteps: torch.Tensor, lq: torch.Tensor) -> list[torch.Tensor]:
+        """The encoder's multi-scale features (TAD-SR's discriminator input, upstream `only_fea=True`): the output
+        of each downsampler, of the last input block, and of the middle block (the decoder does not run)."""
+        skips, middle, _ = self._encode(x, timesteps, lq)
+        downsamplers = [i for i, b in enumerate(self.input_blocks) if isinstance(b[0], Downsample)]
+        return [skips[i] for i in downsamplers] + [skips[-1], middle]
 
 
 def resshift_unet_config(state: dict[str, torch.Tensor], image_size: int = 64) -> dict:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from .base import Objective, Phase, get_objective, objective_names, register_objective
 from .osediff_vsd import OSEDiffVSDObjective
 from .regression import RegressionObjective
+from .tadsr_hsd import TADSRObjective
 from .tsdsr_tsd import TSDSRObjective
 
 __all__ = [
@@ -16,6 +17,7 @@ __all__ = [
     "Objective",
     "Phase",
     "RegressionObjective",
+    "TADSRObjective",
     "TSDSRObjective",
     "get_objective",
     "objective_names",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+from collections.abc import Callable
 import typing
 import warnings
 from dataclasses import dataclass
@@ -23,6 +24,9 @@ class Phase:
     # the list the optimizer and the clipping see, when it is not `parameters` in order (an official recipe's
     # order, or a parameter listed twice on purpose: then the optimizer runs its deterministic for-loop)
     optimizer_list: list[torch.nn.Parameter] | None = None
+    # the LR multiplier at scheduler step s, when not the config's schedule (an official recipe's own)
+    lr_factor: Callable[[int], float] | None = None
+    ema: bool = True  # averaged by the config's EMA (a discriminator is not: only what is exported is)
 
     def optimizer_params(self) -> list[torch.nn.Parameter]:
         return list(self.parameters.values()) if self.optimizer_list is None else self.optimizer_list
@@ -37,6 +41,8 @@ class Objective(abc.ABC):
     """One method's training objective over a pipeline built for training (LoRA unfused, fp32 weights)."""
 
     name: str = ""
+    method: str | None = None  # the method the pipeline is built as when the config names none
+    perceptual_loss = True  # False: the config's `perceptual` backbone is not built (no such term)
     trace: dict[str, torch.Tensor] | None = None  # a dict: intermediates kept by name (tests, debugging)
 
     @property
@@ -55,6 +61,11 @@ class Objective(abc.ABC):
         """Keep intermediates (detached copies) in `trace` when it is a dict."""
         if self.trace is not None:
             self.trace.update({k: v.detach().clone() for k, v in tensors.items()})
+
+    def buffers(self) -> dict[str, torch.Tensor]:
+        """State that is not a trained parameter but changes while training (e.g. spectral norm's power-iteration
+        vectors): training checkpoints store it so a resume continues exactly. Loaded back in place."""
+        return {}
 
     def after_step(self) -> None:
         """Called after every phase of an optimizer step ran (e.g. to put the pipeline back as inference uses
@@ -84,6 +95,11 @@ class SampleDraws:
     def normal(self, name: str, like: torch.Tensor) -> torch.Tensor:
         """Standard normal noise shaped like `like` (float32, on its device)."""
         rows = [torch.randn(like.shape[1:], generator=g) for g in self._generators(name, like.shape[0])]
+        return torch.stack(rows).to(like.device)
+
+    def uniform(self, name: str, like: torch.Tensor) -> torch.Tensor:
+        """Uniform [0, 1) noise shaped like `like` (float32, on its device)."""
+        rows = [torch.rand(like.shape[1:], generator=g) for g in self._generators(name, like.shape[0])]
         return torch.stack(rows).to(like.device)
 
     def timesteps(self, name: str, low: int, high: int, count: int, device: torch.device) -> torch.Tensor:
