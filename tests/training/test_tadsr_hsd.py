@@ -18,8 +18,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from onestep_sr import load_pipeline
-from onestep_sr.training.config import ConfigError, TrainConfig
+from onestep_sr.training.config import TrainConfig
 from onestep_sr.training.loop import Trainer
 
 from helpers import parity_dir

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-from collections.abc import Callable
 import typing
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch

@@ -7,12 +7,14 @@ A.6. Notation: eta_t and sqrt(eta_t) from the float64 schedule, used as float32;
 scale(x, t) = x / sqrt(kappa^2 eta_t + 1); psi(y, x, n, t) = x + eta_t (y - x) + kappa sqrt(eta_t) n.
 
     student (t = T - 1):  x_T = z_y + kappa sqrt(eta_T-1) eps;  s = student(scale(x_T), T - 1, lq)
-    discriminator phase:  n ~ U[0, 1), t_d ~ randint(0, T - 1);  real = psi(z_y, z_gt, n, t_d), fake = psi(z_y, s, n, t_d)
+    discriminator phase:  n ~ U[0, 1), t_d ~ randint(0, T - 1)
+                          real = psi(z_y, z_gt, n, t_d), fake = psi(z_y, s, n, t_d)
                           F = teacher encoder features of scale(real) / scale(fake) at t_d (fake's keep the graph)
                           L_D = mean relu(1 - D(F_real, t_d)) + mean relu(1 + D(sg F_fake, t_d))   (hinge)
     generator phase:      z_tch = the teacher's 15-step DDIM sample from the same x_T (no grad)
                           L_mse = mean (z_tch - s)^2
-                          HSD: t_h ~ randint(0, 3), n_h ~ U[0, 1);  x_s = psi(z_y, s, n_h, t_h), x_t = psi(z_y, z_tch, ...)
+                          HSD: t_h ~ randint(0, 3), n_h ~ U[0, 1)
+                               x_s = psi(z_y, s, n_h, t_h), x_t = psi(z_y, z_tch, n_h, t_h)
                                x0_* = teacher(scale(scale(x_*)), t_h, lq)   (scaled twice, as the official code)
                                eps(x, x0) = (x - (x0 + eta (z_y - x0))) / (kappa sqrt(eta));  g = sg(eps_s - eps_t)
                                L_hsd = mean(g * s)
