@@ -32,6 +32,7 @@ Settings (config `extra:`): see `TADSettings`.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +51,7 @@ from .base import Objective, Phase, SampleDraws, register_objective, settings_fr
 
 NOISES = ("uniform", "gaussian")
 TEACHER_INPUTS = ("double", "single")
+TEACHER_PRECISIONS = ("fp32", "autocast")
 
 
 @dataclass(frozen=True)
@@ -64,6 +66,9 @@ class TADSettings:
     noise: str = "uniform"  # the HSD / discriminator noise: "uniform" (official code) or "gaussian" (the paper's)
     teacher_input: str = "double"  # HSD's teacher input: "double" (official: scaled twice) or "single"
     full_lr_first_step: bool = True  # official: step 1 runs at the full LR, the warm-up starts at step 2
+    # under mixed precision: the teacher's forwards (DDIM target, HSD, discriminator features) in "fp32" (its weights
+    # kept fp32; HSD divides the teacher's x0 error by kappa sqrt(eta) = 0.04 at t = 0) or under "autocast"
+    teacher_precision: str = "fp32"
     discriminator_channels: int = 64  # c_dim: logits per position of each head
     discriminator_learning_rate: float | None = None  # default: learning_rate (never scheduled, as upstream)
     time_aware: bool = True  # false: the discriminator ignores t (an ablation)
@@ -76,6 +81,10 @@ class TADSettings:
             raise ConfigError(f"extra.noise = {settings.noise!r}: expected one of {NOISES}")
         if settings.teacher_input not in TEACHER_INPUTS:
             raise ConfigError(f"extra.teacher_input = {settings.teacher_input!r}: expected one of {TEACHER_INPUTS}")
+        if settings.teacher_precision not in TEACHER_PRECISIONS:
+            raise ConfigError(
+                f"extra.teacher_precision = {settings.teacher_precision!r}: expected one of {TEACHER_PRECISIONS}"
+            )
         if settings.teacher and not Path(settings.teacher).is_file():
             raise ConfigError(f"extra.teacher = {settings.teacher!r}: expected an existing ResShift UNet file")
         if settings.discriminator_channels < 1:
@@ -167,7 +176,14 @@ class TADSRObjective(Objective):
             teacher = copy.deepcopy(pipe.unet)
         teacher.requires_grad_(False).eval()
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.config.mixed_precision)
-        return teacher.to(dtype) if dtype is not None else teacher  # (autocast computes in it anyway)
+        if dtype is not None and self.settings.teacher_precision == "autocast":
+            teacher.to(dtype)  # (autocast computes in it anyway)
+        return teacher
+
+    def teacher_precision(self):
+        """The context of every teacher forward: autocast off for an fp32 teacher, else the loop's."""
+        enabled = self.settings.teacher_precision == "autocast"
+        return contextlib.nullcontext() if enabled else torch.autocast(self.pipe.device.type, enabled=False)
 
     @property
     def phases(self) -> list[Phase]:
@@ -226,9 +242,10 @@ class TADSRObjective(Objective):
         t_dis = self.draws.timesteps("discriminator_timestep", *s.discriminator_timesteps, count, device)
         real = sched.noised(z_y, z_gt, noise, t_dis)
         fake = sched.noised(z_y, student, noise, t_dis)
-        with torch.no_grad():
+        with torch.no_grad(), self.teacher_precision():
             real_features = self.teacher.encoder_features(sched.scale(real, t_dis), t_dis, lq)
-        fake_features = self.teacher.encoder_features(sched.scale(fake, t_dis), t_dis, lq)
+        with self.teacher_precision():
+            fake_features = self.teacher.encoder_features(sched.scale(fake, t_dis), t_dis, lq)
         pred_real = self.discriminator(real_features, t_dis).float()
         pred_fake = self.discriminator(fake_features, t_dis, detach=True).float()
         per_sample = F.relu(1 - pred_real).mean(1) + F.relu(1 + pred_fake).mean(1)
@@ -245,7 +262,8 @@ class TADSRObjective(Objective):
         sched, x = self.schedule, x_T
         for t in range(sched.steps - 1, -1, -1):
             steps = torch.full((x.shape[0],), t, dtype=torch.int64, device=x.device)
-            x0 = self.teacher(sched.scale(x, steps), steps, lq).float()
+            with self.teacher_precision():
+                x0 = self.teacher(sched.scale(x, steps), steps, lq).float()
             k, m, j = sched.ddim_coefficients(t)
             x = x0 * k + m * x + j * z_y
         return x
@@ -260,8 +278,9 @@ class TADSRObjective(Objective):
         x_stu, x_tch = sched.noised(z_y, student, noise, t), sched.noised(z_y, target, noise, t)
         in_stu, in_tch = sched.scale(x_stu, t), sched.scale(x_tch, t)
         twice = s.teacher_input == "double"
-        x0_stu = self.teacher(sched.scale(in_stu, t) if twice else in_stu, t, lq).float()
-        x0_tch = self.teacher(sched.scale(in_tch, t) if twice else in_tch, t, lq).float()
+        with self.teacher_precision():
+            x0_stu = self.teacher(sched.scale(in_stu, t) if twice else in_stu, t, lq).float()
+            x0_tch = self.teacher(sched.scale(in_tch, t) if twice else in_tch, t, lq).float()
         g = sched.implied_noise(x_stu, x0_stu, z_y, t) - sched.implied_noise(x_tch, x0_tch, z_y, t)
         self.keep(hsd_x_stu=x_stu, hsd_x_tch=x_tch, hsd_x_stu_t=t, hsd_stu_model_input=in_stu)
         self.keep(hsd_tch_model_input=in_tch, hsd_stu_pred_x0=x0_stu, hsd_tch_pred_x0=x0_tch)

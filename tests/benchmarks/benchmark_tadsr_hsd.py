@@ -1,0 +1,119 @@
+"""One TAD-SR training iteration (`objective: tadsr-hsd`) on the FULL-SIZE ResShift-family architecture, random weights.
+
+Not part of the test suite. One command:
+
+    python tests/benchmarks/benchmark_tadsr_hsd.py          # table on stdout, JSON in bench_out/tadsr_hsd.json
+
+The step is the real `Trainer.train_step` with the official recipe's content: the student (ResShift Swin-UNet,
+118.6 M parameters, all trained) at t = 14 from the prior sample; the discriminator's update on the frozen
+teacher's encoder features of the noised GT and student latents; then the teacher's 15-step DDIM target, HSD's two
+teacher forwards, the discriminator's generator term and the student's AdamW step. VQGAN-f4 (55.3 M, frozen)
+encodes the 256 px HQ crop and its 64 px LR's x4 bicubic; batch 1. Rows, each in its own subprocess (so its peak
+resident memory is its own; measured from the end of the build):
+  fp32            the loop's default precision (the official recipe trains in fp32)
+  bf16            autocast bf16 for the student and the discriminator, the VQGAN stored in bf16, the teacher's
+                  forwards in fp32 (the objective's default), the trained weights fp32
+  bf16, teacher bf16   the same with `teacher_precision: autocast` (the teacher stored and run in bf16)
+  fp32 + ckpt     fp32 with gradient checkpointing of the student's and the teacher's blocks
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+from benchmark_tiling import peak_rss_gib  # (this folder is on sys.path when the script runs)
+from benchmark_training import median_step_seconds, row_in_subprocess, scratch_training_files
+from benchmark_tsdsr_tsd import reset_peak_rss
+
+# row: (mixed_precision, gradient checkpointing, extra.teacher_precision)
+ROWS = {
+    "fp32": ("no", False, "fp32"),
+    "bf16": ("bf16", False, "fp32"),
+    "bf16, teacher bf16": ("bf16", False, "autocast"),
+    "fp32 + ckpt": ("no", True, "fp32"),
+}
+
+
+def build_pipeline():
+    import torch
+    from diffusers import VQModel
+
+    from onestep_sr import OneStepSRResShiftPipeline, ResShiftUNet
+    from onestep_sr.pipelines.loading.bases import RESSHIFT_VQ_F4_CONFIG
+
+    torch.manual_seed(0)
+    pipe = OneStepSRResShiftPipeline(vae=VQModel(**RESSHIFT_VQ_F4_CONFIG), unet=ResShiftUNet(), method="tadsr")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def run_row(row: str, steps: int) -> dict:
+    import torch
+
+    from onestep_sr.training.config import TrainConfig
+    from onestep_sr.training.loop import Trainer
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    precision, checkpointing, teacher = ROWS[row]
+    tmp = scratch_training_files()
+    t0 = time.perf_counter()
+    config = TrainConfig.from_dict(
+        dict(objective="tadsr-hsd", train_data=str(tmp / "hq"), crop_size=256, output_dir=str(tmp / "out"),
+             weight_decay=0.0, max_grad_norm=0.0, ema_decay=0.999, gradient_checkpointing=checkpointing,
+             mixed_precision=precision, device="cpu", extra={"teacher_precision": teacher}),
+        check_paths=False,
+    )  # fmt: skip
+    trainer = Trainer(config, pipe=build_pipeline())
+    build_s = time.perf_counter() - t0
+    rss_model = peak_rss_gib()
+    reset_peak_rss()
+    batch = {"hq": torch.rand(1, 3, 256, 256), "lq": torch.rand(1, 3, 64, 64), "seed": [0]}
+    seconds = median_step_seconds(trainer, batch, steps)
+    return {
+        "row": row,
+        "s_per_step": seconds,
+        "peak_gib": peak_rss_gib(),
+        "model_rss_gib": rss_model,
+        "build_s": build_s,
+        "student_params_m": sum(p.numel() for p in trainer.pipe.unet.parameters()) / 1e6,
+        "discriminator_params_m": sum(p.numel() for p in trainer.objective.discriminator.parameters()) / 1e6,
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=2, help="timed steps per row (after one warm-up step)")
+    parser.add_argument("--rows", default=";".join(ROWS), help=f"';'-separated, of {list(ROWS)}")
+    parser.add_argument("--out", type=Path, default=Path("bench_out"))
+    parser.add_argument("--_row", nargs=2, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args._row:
+        print(json.dumps(run_row(args._row[0], int(args._row[1]))))
+        return 0
+    rows = []
+    for row in args.rows.split(";"):
+        r = row_in_subprocess(__file__, row, str(args.steps))
+        if r is None:
+            return 1
+        rows.append(r)
+        print(f"{row:20s} {r['s_per_step']:7.1f} s/step  peak {r['peak_gib']:5.2f} GiB", flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    info = {"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(), "rows": rows}
+    (args.out / "tadsr_hsd.json").write_text(json.dumps(info, indent=1))
+    base = rows[0]
+    print(f"\n| precision | s / step | peak RSS (GiB) | vs {base['row']} (time) |")
+    print("| --- | --- | --- | --- |")
+    for r in rows:
+        ratio = r["s_per_step"] / base["s_per_step"]
+        print(f"| {r['row']} | {r['s_per_step']:.1f} | {r['peak_gib']:.2f} | {ratio:.2f}x |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
