@@ -30,7 +30,9 @@ class TrainConfig:
     # -- what is trained
     objective: str = "regression"  # a module in training/objectives/ ("regression": MSE + perceptual, no teacher)
     base: str = ""  # the method's base model (SD2.1-base folder/file, SD3 folder/file, or the VQGAN-f4 .pth)
-    weights: str = ""  # the method's weights to start from (osediff.pkl, a TSD-SR folder, a ResShift-family .pth)
+    # the method's weights to start from (osediff.pkl, a TSD-SR folder, a ResShift-family .pth); objectives that
+    # start from the base alone (d3sr) take none
+    weights: str = ""
     method: str | None = None  # a registered method id, to skip detection
     embeddings: str | None = None  # TSD-SR prompt embeddings, when not beside the weights
     prompt: str = ""  # the prompt the generator is conditioned on (methods with text encoders)
@@ -114,13 +116,14 @@ class TrainConfig:
             if not ok:
                 raise ConfigError(f"{key} = {getattr(self, key)!r}: expected {expected}")
 
-        if check_paths:
-            need(bool(self.base), "base", "the base model path (required)")
-            need(bool(self.weights), "weights", "the method's weights to start from (required)")
-            need(bool(self.train_data), "train_data", "a folder of training images (required)")
-        from .objectives import objective_names
+        from .objectives import get_objective, objective_names
 
         need(self.objective in objective_names(), "objective", f"one of {objective_names()}")
+        if check_paths:
+            need(bool(self.base), "base", "the base model path (required)")
+            from_base = get_objective(self.objective).starts_from_base
+            need(bool(self.weights) or from_base, "weights", "the method's weights to start from (required)")
+            need(bool(self.train_data), "train_data", "a folder of training images (required)")
         need(self.perceptual in PERCEPTUAL_LOSSES, "perceptual", f"one of {PERCEPTUAL_LOSSES}")
         need(self.lr_schedule in LR_SCHEDULES, "lr_schedule", f"one of {LR_SCHEDULES}")
         need(self.mixed_precision in PRECISIONS, "mixed_precision", f"one of {PRECISIONS}")
@@ -156,7 +159,7 @@ class TrainConfig:
             "'latest' or an existing checkpoint folder",
         )
         for key in ("base", "weights", "train_data"):
-            need(Path(getattr(self, key)).exists(), key, "an existing path")
+            need((key == "weights" and not self.weights) or Path(getattr(self, key)).exists(), key, "an existing path")
         for key in ("train_lq_data", "val_data", "embeddings", "perceptual_weights"):
             value = getattr(self, key)
             need(value is None or Path(value).exists(), key, "an existing path (or leave it unset)")

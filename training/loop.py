@@ -217,6 +217,8 @@ class Trainer:
         if perceptual is not None:
             perceptual.to(self.device)
         options = {"embeddings": c.embeddings} if c.embeddings else {}
+        if pipe is None and not c.weights:
+            pipe = objective_cls.initial_pipeline(c, self.device)  # (D3SR: from the base alone)
         if pipe is None:
             method = c.method or objective_cls.method  # (TAD-SR: the student starts as the ResShift teacher file)
             pipe = load_pipeline(

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 # The built-in methods, in the order they are tried and listed.
 from . import osediff, tsdsr  # noqa: I001, F401  (registers them, in this order)
 from . import resshift  # noqa: F401
+from . import d3sr  # noqa: F401  (metadata-tagged files of our own; after the official formats)
 from .registry import (
     BaseModel,
     BuildOptions,

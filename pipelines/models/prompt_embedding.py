@@ -21,8 +21,10 @@ class PromptEmbedding(ModelMixin, ConfigMixin):
         self.pooled = torch.nn.Parameter(torch.zeros(1, pooled_dim)) if pooled_dim > 0 else None
 
     def to_conditioning(self, device, dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
-        pooled = None if self.pooled is None else self.pooled.detach().to(device, dtype)
-        return self.embeds.detach().to(device, dtype), pooled
+        """The embedding as the denoiser's conditioning (differentiable: D3SR trains it; inference runs it under
+        no_grad)."""
+        pooled = None if self.pooled is None else self.pooled.to(device, dtype)
+        return self.embeds.to(device, dtype), pooled
 
     @classmethod
     def from_tensors(cls, embeds: torch.Tensor, pooled: torch.Tensor | None = None) -> PromptEmbedding:
