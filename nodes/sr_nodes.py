@@ -84,7 +84,8 @@ class OneStepSRModelLoader(io.ComfyNode):
             display_name="OSEDiff / TSD-SR / TAD-SR Loader (one-step SR)",
             category=LOADERS_CATEGORY,
             description=f"Loads a base model plus one-step SR weights ({_method_names()}); the method is detected "
-            "from the files. Cached by ComfyUI while the inputs stay the same.",
+            "from the files. Cached by ComfyUI while the inputs stay the same."
+            + "".join(f" {m.notice}" for m in methods if m.notice),
             inputs=[
                 io.Combo.Input(
                     "base",

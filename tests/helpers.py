@@ -162,11 +162,27 @@ def make_comfy_models(root: Path) -> tuple[Path, Path]:
     shutil.copy(
         TADSR_PARITY / "models" / "autoencoder_vq_f4_tiny_A.pth", models / "onestep_sr" / "autoencoder_vq_f4.pth"
     )
+    write_tiny_d3sr(models / "onestep_sr" / "d3sr.safetensors")
     (models / "checkpoints").mkdir()
     inputs = root / "input"
     inputs.mkdir()
     shutil.copy(OSEDIFF_PARITY / "cases" / "s1_cat_32x24" / "lr.png", inputs / "example.png")
     return models, inputs
+
+
+def write_tiny_d3sr(path: Path) -> Path:
+    """A D3SR checkpoint on the tiny SD2.1 (this package's format; there are no official weights): a fresh
+    generator with seeded random LoRA factors and prompt embedding, so it differs from the base."""
+    import torch
+
+    from onestep_sr.pipelines.methods import d3sr
+
+    pipe = d3sr.build_untrained(OSEDIFF_PARITY / "tiny-sd21", timestep=500)
+    g = torch.Generator().manual_seed(19)
+    with torch.no_grad():
+        for p in d3sr.trainable(pipe).values():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    return d3sr.write_weights(pipe, path)
 
 
 def tadsr_case_records() -> list[dict]:

@@ -95,13 +95,17 @@ def test_schemas_have_ids_categories_and_tooltips(comfy):
         "autoencoder_vq_f4.pth",  # ResShift's VQGAN, kept beside its UNet in models/onestep_sr
     ]
     # folder methods first (found by their marker file), then files; a folder's parts are not offered alone
-    assert loader["weights"].kwargs["options"] == ["tsdsr", "TAD-SR.pth", "osediff.pkl"]
+    assert loader["weights"].kwargs["options"] == ["tsdsr", "TAD-SR.pth", "d3sr.safetensors", "osediff.pkl"]
     # the defaults are a pair of the same method (the first registered whose files are both present)
     assert (loader["base"].kwargs["default"], loader["weights"].kwargs["default"]) == (
         "stable-diffusion-2-1-base",
         "osediff.pkl",
     )
     assert loader["dtype"].kwargs["options"] == ["auto", "fp32", "bf16", "fp16"]
+    # D3SR has no official weights: the loader says so, and how a checkpoint is made
+    description = classes["OneStepSRModelLoader"].define_schema().description
+    assert "D3SR (unofficial)" in description and "trained with this package" in description
+    assert "objective: d3sr" in description
 
 
 def test_preferred_pair_matches_base_and_weights_by_method(comfy):
@@ -402,6 +406,8 @@ def test_api_workflows_run_end_to_end(comfy, name):
                 TADSR_PARITY / "models" / "autoencoder_vq_f4_tiny_A.pth",
                 TADSR_PARITY / "models" / "tadsr_tiny_A.pth",
             )
+        elif name.startswith("D3SR"):
+            files = (OSEDIFF_PARITY / "tiny-sd21", comfy["models"] / "onestep_sr" / "d3sr.safetensors")
         else:
             files = (OSEDIFF_PARITY / "tiny-sd21", OSEDIFF_PARITY / "osediff_tiny.pkl")
         pipe = load_pipeline(*files, dtype="auto", tagger=tagger if "DAPE" in name else None)

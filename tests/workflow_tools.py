@@ -246,6 +246,7 @@ def workflow_graphs() -> dict[str, list[dict]]:
         ],
         "TSD-SR 4x upscale": [load, *_sr_nodes(SD3, "tsdsr", {}), save("onestep_sr/tsdsr")],
         "TAD-SR 4x upscale": [load, *_sr_nodes("autoencoder_vq_f4.pth", "TAD-SR.pth", {}), save("onestep_sr/tadsr")],
+        "D3SR 4x upscale": [load, *_sr_nodes(SD21, "d3sr.safetensors", {}), save("onestep_sr/d3sr")],
         "OSEDiff 4x upscale with DAPE prompts": [
             load,
             *_dape_nodes(),

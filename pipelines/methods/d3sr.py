@@ -207,5 +207,6 @@ METHOD = register(
         aliases=("D3SR", "DFOSD", "distillation-free one-step diffusion"),
         trainable=trainable,
         write_weights=write_weights,
+        notice=UNOFFICIAL,
     )
 )

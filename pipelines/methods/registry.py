@@ -63,6 +63,7 @@ class Method:
         fuse_lora=False, so its LoRA factors are still separate tensors).
     write_weights(pipe, path): the pipeline's current trainable weights in the method's own format at `path`
         (what `detect` accepts and `build` reads back), so what training writes loads through `load_pipeline`.
+    notice: a sentence the loaders show (e.g. that no official weights exist).
     """
 
     id: str
@@ -80,6 +81,7 @@ class Method:
     aliases: tuple[str, ...] = ()
     trainable: Callable[[OneStepSRBase], dict[str, torch.nn.Parameter]] | None = None
     write_weights: Callable[[OneStepSRBase, str | os.PathLike], os.PathLike] | None = None
+    notice: str = ""  # what a user must know before choosing it (shown by the loaders, e.g. "unofficial weights")
 
     @property
     def default_weights(self) -> str:
