@@ -167,7 +167,8 @@ class D3SRObjective(RegressionObjective):
         with torch.no_grad():
             z_real = pipe.encode(target, "mode", None).float()
         z_fake = step.clean_latent.float()
-        context = self.text.embeds.detach().float().expand(count, -1, -1)
+        # the embedding the generator used this step (a copy: the generator's step updates the parameter in place)
+        context = self.text.embeds.detach().float().clone().expand(count, -1, -1)
         t = self.draws.timesteps("generator_t", *s.discriminator_timesteps, count, device)
         noised = self.diffuse(z_fake, t, self.draws.normal("generator_noise", z_fake))
         out["gan"] = self.generator_gan(self.discriminator(noised, t, context).float())
@@ -186,5 +187,5 @@ class D3SRObjective(RegressionObjective):
         real = self.discriminator(self.diffuse(z_real, t, noise), t, context).float()
         fake = self.discriminator(self.diffuse(z_fake, t, noise), t, context).float()
         loss = self.discriminator_gan(real, fake)
-        self.keep(real_logits=real, fake_logits=fake, discriminator_t=t)
+        self.keep(real_logits=real, fake_logits=fake, discriminator_t=t, context=context)
         return {"gan": loss, "loss": loss, "real_logit": real.mean().detach(), "fake_logit": fake.mean().detach()}
