@@ -113,11 +113,10 @@ class D3SRObjective(RegressionObjective):
     @property
     def phases(self) -> list[Phase]:
         s, c = self.settings, self.config
+        discriminator_lr = s.discriminator_learning_rate or c.learning_rate
         return [
             Phase("generator", self.trainable, c.learning_rate),
-            Phase(
-                "discriminator", self.discriminator_params, s.discriminator_learning_rate or c.learning_rate, ema=False
-            ),  # fmt: skip
+            Phase("discriminator", self.discriminator_params, discriminator_lr, ema=False),
         ]
 
     def modules(self) -> list[torch.nn.Module]:
