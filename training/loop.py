@@ -443,7 +443,8 @@ class Trainer:
             out["weights"] = Path(weights)  # (TSD-SR's folder holds its embeddings too)
             out["diffusers"] = convert_to_diffusers(self.config.base, weights, final / "diffusers")
             (final / "README.txt").write_text(
-                f"Trained with onestep-sr ({self.config.objective} objective) from {self.config.weights}.\n"
+                f"Trained with onestep-sr ({self.config.objective} objective) from "
+                f"{self.config.weights or self.config.base + ' (the base alone)'}.\n"
                 f"{out['weights'].name}: {self.method.display_name} weights in the method's own format; load with "
                 f"load_pipeline(base, '{out['weights'].name}').\ndiffusers/: the same model as a diffusers folder "
                 "(load_converted or the pipeline class's from_pretrained).\n"

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file
 
-from onestep_sr import load_pipeline
+from onestep_sr import load_converted, load_pipeline
 from onestep_sr.pipelines.methods import d3sr
 from onestep_sr.training.config import ConfigError, TrainConfig
 from onestep_sr.training.loop import Trainer
@@ -252,6 +252,7 @@ def test_end_to_end_training_saves_a_model_that_loads_everywhere(tmp_path, tiny_
     kwargs = dict(upscale=1, output_type="pt", tile_size=None, vae_tile_size=None, color_fix="none")
     with torch.no_grad():
         live = trainer.pipe(x, **kwargs).images
+    assert "the base alone" in (weights.parent / "README.txt").read_text()
     kept = load_pipeline(TINY_SD21, weights, dtype="fp32", fuse_lora=False)
     fused = load_pipeline(TINY_SD21, weights, dtype="fp32")
     assert kept.config.timestep == 321 and kept.sr_method.id == "d3sr"
@@ -259,6 +260,8 @@ def test_end_to_end_training_saves_a_model_that_loads_everywhere(tmp_path, tiny_
     # (loading prepares for inference: channels-last convolutions reorder fp32 sums, ~7e-6 here)
     assert float((reloaded - live.cpu()).abs().max()) <= 5e-5
     assert float((fused(x, **kwargs).images - live.cpu()).abs().max()) <= 5e-5
+    converted = load_converted(result.exported["diffusers"])  # the diffusers folder: the fused model
+    assert float((converted(x, **kwargs).images - fused(x, **kwargs).images).abs().max()) <= 1e-6
     start = d3sr.build_untrained(TINY_SD21, timestep=321)
     start.set_progress_bar_config(disable=True)
     assert float((start(x, **kwargs).images - live.cpu()).abs().max()) > 1e-3, "the export holds the start"
