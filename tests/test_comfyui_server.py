@@ -461,7 +461,14 @@ def test_templates_show_titles_and_thumbnails(browser_page):
     page.get_by_text("onestep-sr", exact=True).first.click()
     for name in workflow_graphs():
         page.get_by_text(name, exact=True).first.wait_for(timeout=10_000)
-    page.wait_for_timeout(1500)
+    # thumbnails load lazily as their cards come into view: bring each into view until every one has loaded
+    for _ in range(20):
+        for name in workflow_graphs():
+            if name not in thumbnails:
+                page.get_by_text(name, exact=True).first.scroll_into_view_if_needed()
+        page.wait_for_timeout(500)
+        if set(thumbnails) >= set(workflow_graphs()):
+            break
     page.screenshot(path=str(browser_page.shots / "templates.png"))
     page.keyboard.press("Escape")
     page.remove_listener("response", record)
