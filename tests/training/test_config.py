@@ -56,7 +56,7 @@ def test_cli_reports_config_errors_before_loading(tmp_path, capsys):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("".join(f"{k}: {v}\n" for k, v in base_values(tmp_path).items()))
     assert main(["train", str(cfg), "objective=gan"]) == 2
-    expected = "objective = 'gan': expected one of ['osediff-vsd', 'regression', 'tadsr-hsd', 'tsdsr-tsd']"
+    expected = "objective = 'gan': expected one of ['d3sr', 'osediff-vsd', 'regression', 'tadsr-hsd', 'tsdsr-tsd']"
     assert expected in capsys.readouterr().err
     assert main(["train", str(tmp_path / "missing.yaml")]) == 2
     assert "config file not found" in capsys.readouterr().err
