@@ -17,16 +17,12 @@ measured from the end of the build):
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import platform
 import sys
 import time
-from pathlib import Path
 
 from benchmark_tiling import peak_rss_gib  # (this folder is on sys.path when the script runs)
-from benchmark_training import median_step_seconds, row_in_subprocess, scratch_training_files
+from benchmark_training import median_step_seconds, precision_rows_main, scratch_training_files
 from benchmark_tsdsr_tsd import reset_peak_rss
 
 ROWS = {"fp32": ("no", False), "bf16": ("bf16", False), "fp32 + ckpt": ("no", True)}
@@ -89,32 +85,7 @@ def run_row(row: str, steps: int) -> dict:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=2, help="timed steps per row (after one warm-up step)")
-    parser.add_argument("--rows", default=";".join(ROWS), help=f"';'-separated, of {list(ROWS)}")
-    parser.add_argument("--out", type=Path, default=Path("bench_out"))
-    parser.add_argument("--_row", nargs=2, help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args._row:
-        print(json.dumps(run_row(args._row[0], int(args._row[1]))))
-        return 0
-    rows = []
-    for row in args.rows.split(";"):
-        r = row_in_subprocess(__file__, row, str(args.steps))
-        if r is None:
-            return 1
-        rows.append(r)
-        print(f"{row:12s} {r['s_per_step']:7.1f} s/step  peak {r['peak_gib']:5.2f} GiB", flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    info = {"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(), "rows": rows}
-    (args.out / "d3sr.json").write_text(json.dumps(info, indent=1))
-    base = rows[0]
-    print(f"\n| precision | s / step | peak RSS (GiB) | time vs {base['row']} |")
-    print("| --- | --- | --- | --- |")
-    for r in rows:
-        ratio = r["s_per_step"] / base["s_per_step"]
-        print(f"| {r['row']} | {r['s_per_step']:.1f} | {r['peak_gib']:.2f} | {ratio:.2f}x |")
-    return 0
+    return precision_rows_main(__file__, __doc__, ROWS, run_row, "d3sr.json")
 
 
 if __name__ == "__main__":

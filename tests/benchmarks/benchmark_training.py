@@ -195,3 +195,35 @@ def main() -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def precision_rows_main(script: str, doc: str, rows: dict, run_row, out_name: str) -> int:
+    """The command line of a benchmark whose rows are precisions (`--steps`, `--rows`, `--out`): each row in its
+    own subprocess (`script --_row ROW STEPS` -> `run_row(row, steps)`), the table against the first row on stdout,
+    JSON in `out/out_name`."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=2, help="timed steps per row (after one warm-up step)")
+    parser.add_argument("--rows", default=";".join(rows), help=f"';'-separated, of {list(rows)}")
+    parser.add_argument("--out", type=Path, default=Path("bench_out"))
+    parser.add_argument("--_row", nargs=2, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args._row:
+        print(json.dumps(run_row(args._row[0], int(args._row[1]))))
+        return 0
+    done = []
+    for row in args.rows.split(";"):
+        r = row_in_subprocess(script, row, str(args.steps))
+        if r is None:
+            return 1
+        done.append(r)
+        print(f"{row:20s} {r['s_per_step']:7.1f} s/step  peak {r['peak_gib']:5.2f} GiB", flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    info = {"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(), "rows": done}
+    (args.out / out_name).write_text(json.dumps(info, indent=1))
+    base = done[0]
+    print(f"\n| precision | s / step | peak RSS (GiB) | time vs {base['row']} |")
+    print("| --- | --- | --- | --- |")
+    for r in done:
+        ratio = r["s_per_step"] / base["s_per_step"]
+        print(f"| {r['row']} | {r['s_per_step']:.1f} | {r['peak_gib']:.2f} | {ratio:.2f}x |")
+    return 0

@@ -134,9 +134,10 @@ def add_adapter(model: torch.nn.Module, config, name: str, prefix: str) -> dict[
     }
 
 
-def settings_from_extra(cls, extra: dict, objective: str):
+def settings_from_extra(cls, extra: dict, objective: str, choices: dict[str, tuple[str, ...]] | None = None):
     """An objective's settings dataclass from the config's `extra:` mapping: unknown keys and wrong types are
-    ConfigErrors naming the key; fields ending in `timesteps` are [low, high] randint ranges within [0, 1000]."""
+    ConfigErrors naming the key; fields ending in `timesteps` are [low, high] randint ranges within [0, 1000];
+    `choices` names the fields that take one of a few words."""
     fields = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(extra) - fields)
     if unknown:
@@ -151,7 +152,11 @@ def settings_from_extra(cls, extra: dict, objective: str):
             values[key] = (value[0], value[1])
         else:
             values[key] = coerce(f"extra.{key}", value, hints[key])
-    return cls(**values)
+    settings = cls(**values)
+    for key, allowed in (choices or {}).items():
+        if getattr(settings, key) not in allowed:
+            raise ConfigError(f"extra.{key} = {getattr(settings, key)!r}: expected one of {allowed}")
+    return settings
 
 
 _OBJECTIVES: dict[str, type[Objective]] = {}

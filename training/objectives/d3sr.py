@@ -56,11 +56,7 @@ class D3SRSettings:
 
     @classmethod
     def from_extra(cls, extra: dict) -> D3SRSettings:
-        s = settings_from_extra(cls, extra, "d3sr")
-        if s.gan_loss not in GAN_LOSSES:
-            raise ConfigError(f"extra.gan_loss = {s.gan_loss!r}: expected one of {GAN_LOSSES}")
-        if s.discriminator not in DISCRIMINATORS:
-            raise ConfigError(f"extra.discriminator = {s.discriminator!r}: expected one of {DISCRIMINATORS}")
+        s = settings_from_extra(cls, extra, "d3sr", {"gan_loss": GAN_LOSSES, "discriminator": DISCRIMINATORS})
         if s.discriminator == "sdxl" and not (s.discriminator_base and Path(s.discriminator_base).exists()):
             raise ConfigError(
                 f"extra.discriminator_base = {s.discriminator_base!r}: the sdxl discriminator needs an existing SDXL "

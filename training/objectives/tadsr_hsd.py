@@ -76,15 +76,8 @@ class TADSettings:
 
     @classmethod
     def from_extra(cls, extra: dict) -> TADSettings:
-        settings = settings_from_extra(cls, extra, "tadsr-hsd")
-        if settings.noise not in NOISES:
-            raise ConfigError(f"extra.noise = {settings.noise!r}: expected one of {NOISES}")
-        if settings.teacher_input not in TEACHER_INPUTS:
-            raise ConfigError(f"extra.teacher_input = {settings.teacher_input!r}: expected one of {TEACHER_INPUTS}")
-        if settings.teacher_precision not in TEACHER_PRECISIONS:
-            raise ConfigError(
-                f"extra.teacher_precision = {settings.teacher_precision!r}: expected one of {TEACHER_PRECISIONS}"
-            )
+        choices = {"noise": NOISES, "teacher_input": TEACHER_INPUTS, "teacher_precision": TEACHER_PRECISIONS}
+        settings = settings_from_extra(cls, extra, "tadsr-hsd", choices)
         if settings.teacher and not Path(settings.teacher).is_file():
             raise ConfigError(f"extra.teacher = {settings.teacher!r}: expected an existing ResShift UNet file")
         if settings.discriminator_channels < 1:
