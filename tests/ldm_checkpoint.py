@@ -38,6 +38,8 @@ def unet_to_ldm(unet) -> dict[str, torch.Tensor]:
 
     put("time_embedding.linear_1", "time_embed.0")
     put("time_embedding.linear_2", "time_embed.2")
+    put("add_embedding.linear_1", "label_emb.0.0")  # (SDXL's added text/time embedding)
+    put("add_embedding.linear_2", "label_emb.0.2")
     put("conv_in", "input_blocks.0.0")
     put("conv_norm_out", "out.0")
     put("conv_out", "out.2")

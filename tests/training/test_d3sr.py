@@ -350,3 +350,26 @@ def test_the_sdxl_discriminator_base_is_checked(tmp_path):
         load_discriminator_unet(tmp_path)
     with pytest.raises(CheckpointError, match="not an SDXL-style UNet"):
         load_discriminator_unet(TINY_SD21)
+
+
+def test_the_sdxl_discriminator_reads_an_original_single_file(tmp_path, tiny_sdxl):
+    """The SDXL base as one original-layout .safetensors (as `sd_xl_base_1.0.safetensors` ships), read with a
+    config folder (the bundled SDXL-base one by default; the tiny one here): the same weights as the folder."""
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import save_file
+
+    from ldm_checkpoint import unet_to_ldm
+    from onestep_sr.training.discriminators.nad import SDXL_CONFIG, load_discriminator_unet
+
+    folder = UNet2DConditionModel.from_pretrained(tiny_sdxl / "unet")
+    single = tmp_path / "sd_xl_tiny.safetensors"
+    save_file(unet_to_ldm(folder), str(single))
+    unet = load_discriminator_unet(single, config=tiny_sdxl)
+    want = folder.state_dict()
+    assert unet.state_dict().keys() == want.keys()
+    assert all(torch.equal(v, want[k]) for k, v in unet.state_dict().items())
+    bundled = json.loads((SDXL_CONFIG / "unet" / "config.json").read_text())
+    assert bundled["addition_embed_type"] == "text_time" and bundled["cross_attention_dim"] == 2048
+    with torch.device("meta"):  # the bundled config builds SDXL-base's UNet: its 2,567,463,684 parameters
+        full = UNet2DConditionModel.from_config(bundled)
+    assert sum(p.numel() for p in full.parameters()) == 2_567_463_684
