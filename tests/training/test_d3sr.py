@@ -358,8 +358,9 @@ def test_the_sdxl_discriminator_reads_an_original_single_file(tmp_path, tiny_sdx
     from diffusers import UNet2DConditionModel
     from safetensors.torch import save_file
 
-    from ldm_checkpoint import unet_to_ldm
     from onestep_sr.training.discriminators.nad import SDXL_CONFIG, load_discriminator_unet
+
+    from ldm_checkpoint import unet_to_ldm
 
     folder = UNet2DConditionModel.from_pretrained(tiny_sdxl / "unet")
     single = tmp_path / "sd_xl_tiny.safetensors"
