@@ -28,7 +28,7 @@ from onestep_sr.pipelines.loading.validation import check_pipeline_weights
 from onestep_sr.pipelines.methods import detect_method
 from onestep_sr.pipelines.methods.dape import load_tagger
 
-from helpers import DATA, OSEDIFF_PARITY, TSDSR_PARITY
+from helpers import DATA, OSEDIFF_PARITY, TSDSR_PARITY, write_tiny_d3sr
 
 CASES = int(os.environ.get("FUZZ_CASES", "320"))
 SEED = int(os.environ.get("FUZZ_SEED", "1234"))
@@ -194,13 +194,23 @@ def _alarm(signum, frame):
     raise CaseTimeout
 
 
+def d3sr_target(folder: Path) -> Target:
+    """D3SR's file is this package's own (no official weights): a tiny one is written for the run."""
+    folder.mkdir(parents=True)
+    write_tiny_d3sr(folder / "d3sr.safetensors")
+    sd21 = OSEDIFF_PARITY / "tiny-sd21"
+    return Target("d3sr.safetensors", folder, "d3sr.safetensors",
+                  lambda r: _pipeline(load_pipeline(sd21, r / "d3sr.safetensors")))  # fmt: skip
+
+
 def test_fuzzed_files_load_or_fail_with_the_project_error(tmp_path):
     rng = random.Random(SEED)
     outcomes: Counter = Counter()
+    targets = [*TARGETS, d3sr_target(tmp_path / "d3sr-source")]
     previous = signal.signal(signal.SIGALRM, _alarm)
     try:
         for case in range(CASES):
-            target = TARGETS[case % len(TARGETS)]
+            target = targets[case % len(targets)]
             root = tmp_path / f"case{case}"
             shutil.copytree(target.root, root)
             kind = mutate(root / target.file, rng)
