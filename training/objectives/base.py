@@ -44,13 +44,12 @@ class Objective(abc.ABC):
     method: str | None = None  # the method the pipeline is built as when the config names none
     perceptual_loss = True  # False: the config's `perceptual` backbone is not built (no such term)
     starts_from_base = False  # True: `weights` may be empty, `initial_pipeline` builds the untrained model
+    trace: dict[str, torch.Tensor] | None = None  # a dict: intermediates kept by name (tests, debugging)
 
     @classmethod
     def initial_pipeline(cls, config, device: torch.device):
         """The pipeline to train when the config names no weights (objectives with `starts_from_base`)."""
         raise NotImplementedError
-
-    trace: dict[str, torch.Tensor] | None = None  # a dict: intermediates kept by name (tests, debugging)
 
     @property
     @abc.abstractmethod
