@@ -81,7 +81,7 @@ class OneStepSRModelLoader(io.ComfyNode):
         methods = registered_methods()
         return io.Schema(
             node_id="OneStepSRModelLoader",
-            display_name="OSEDiff / TSD-SR / TAD-SR Loader (one-step SR)",
+            display_name="OSEDiff / TSD-SR / TAD-SR / D3SR Loader (one-step SR)",
             category=LOADERS_CATEGORY,
             description=f"Loads a base model plus one-step SR weights ({_method_names()}); the method is detected "
             "from the files. Cached by ComfyUI while the inputs stay the same."
@@ -171,7 +171,7 @@ class OneStepSRUpscale(io.ComfyNode):
             "denoising step (items one at a time). RGBA: alpha is upscaled separately and re-attached; grayscale is "
             "treated as RGB. Progress and Cancel work in every stage.",
             inputs=[
-                SRPipe.Input("sr_model", tooltip="From the OSEDiff / TSD-SR / TAD-SR Loader."),
+                SRPipe.Input("sr_model", tooltip="From the OSEDiff / TSD-SR / TAD-SR / D3SR Loader."),
                 io.Image.Input("image", tooltip="Images to upscale (any batch size)."),
                 io.Int.Input(
                     "upscale",

@@ -418,9 +418,10 @@ def test_a_new_upscale_node_keeps_its_seed_fixed(browser_page):
 @pytest.mark.parametrize(
     ("query", "expected"),
     [
-        ("osediff", "OSEDiff / TSD-SR / TAD-SR Loader (one-step SR)"),
-        ("tsd-sr", "OSEDiff / TSD-SR / TAD-SR Loader (one-step SR)"),
-        ("tad-sr", "OSEDiff / TSD-SR / TAD-SR Loader (one-step SR)"),
+        ("osediff", "OSEDiff / TSD-SR / TAD-SR / D3SR Loader (one-step SR)"),
+        ("tsd-sr", "OSEDiff / TSD-SR / TAD-SR / D3SR Loader (one-step SR)"),
+        ("tad-sr", "OSEDiff / TSD-SR / TAD-SR / D3SR Loader (one-step SR)"),
+        ("d3sr", "OSEDiff / TSD-SR / TAD-SR / D3SR Loader (one-step SR)"),
         ("super resolution", "One-step Super-Resolution Upscale"),
         ("upscale", "One-step Super-Resolution Upscale"),
         ("dape", "DAPE Prompt Extractor (OSEDiff tags)"),
