@@ -466,6 +466,18 @@ def load_component(
     if loader is None and getattr(component_cls, "validates_on_load", False):
         return component_cls.from_pretrained(path, **kwargs)  # its from_pretrained calls this function itself
     check_component(root, path, component_cls, kwargs.get("torch_dtype"))
+    if loader is None and _is_model_class(component_cls) and set(kwargs) <= {"torch_dtype"}:
+        from .lean import lean_load
+
+        try:
+            lean = lean_load(component_cls, path, component_weight_files(path), kwargs.get("torch_dtype"))
+        except CheckpointError:
+            raise
+        except Exception as err:  # checked files that still break the build: a damaged config or file
+            raise CheckpointError(f"{path}: could not be loaded as a {component_cls.__name__}: {err}") from err
+        if lean is not None:
+            check_module_weights(lean, path)
+            return lean
     loader = loader or component_cls.from_pretrained
     kwargs["local_files_only"] = True
     model = _is_model_class(component_cls)

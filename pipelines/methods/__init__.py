@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..loading.devices import prepare_for_inference, resolve_device, resolve_dtype
+from ..loading.devices import prepare_for_inference, release_freed_memory, resolve_device, resolve_dtype
 from ..loading.files import CheckpointError
 from ..loading.validation import check_pipeline_weights, checkpoint_errors
 
@@ -108,7 +108,9 @@ def load_pipeline(
     # the built pipeline as a whole (LoRA fused, embeddings attached): finite weights, config in range
     check_pipeline_weights(pipe, f"{base} + {weights}")
     pipe.check_config(weights)
-    return prepare_for_inference(pipe, device, dtype)
+    pipe = prepare_for_inference(pipe, device, dtype)
+    release_freed_memory()  # (a load's temporaries: LoRA deltas, casts, the channels-last copies)
+    return pipe
 
 
 def resolve_tagger(tagger: Any):

@@ -1,0 +1,101 @@
+"""Model folders read into private memory (pipelines/loading/lean.py): the same weights as `from_pretrained`, no
+weight left in a file mapping after `load_pipeline`, and the folders it does not cover handed to the library."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from safetensors.torch import load_file, save_file
+from transformers import CLIPTextModel
+
+from onestep_sr import load_pipeline
+from onestep_sr.pipelines.loading.files import CheckpointError
+from onestep_sr.pipelines.loading.lean import lean_load, read_safetensors_private
+from onestep_sr.pipelines.loading.validation import component_weight_files, load_component
+
+from helpers import OSEDIFF_PARITY
+
+TINY_SD21 = OSEDIFF_PARITY / "tiny-sd21"
+COMPONENTS = {"unet": UNet2DConditionModel, "vae": AutoencoderKL}
+
+
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
+@pytest.mark.parametrize("name", sorted(COMPONENTS))
+def test_the_same_weights_as_from_pretrained(name, dtype):
+    cls, folder = COMPONENTS[name], TINY_SD21 / name
+    lean = lean_load(cls, folder, component_weight_files(folder), dtype)
+    assert lean is not None
+    kwargs = {"torch_dtype": dtype} if dtype is not None else {}
+    reference = cls.from_pretrained(folder, local_files_only=True, **kwargs)
+    want, got = reference.state_dict(), lean.state_dict()
+    assert got.keys() == want.keys()
+    assert all(got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]) for k in want)
+    assert {b.dtype for b in lean.buffers()} == {b.dtype for b in reference.buffers()}
+    assert not lean.training
+
+
+def file_mappings(suffix: str = ".safetensors") -> list[tuple[int, int]]:
+    ranges = []
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        parts = line.split()
+        if len(parts) >= 6 and parts[5].endswith(suffix):
+            low, high = (int(x, 16) for x in parts[0].split("-"))
+            ranges.append((low, high))
+    return ranges
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads /proc/self/maps (Linux)")
+def test_no_unet_or_vae_weight_lives_in_a_file_mapping_after_load_pipeline():
+    """`from_pretrained` leaves weights as views of the memory-mapped files; the UNet's and the VAE's (the bulk)
+    own their memory here, so no file stays mapped for them."""
+    pipe = load_pipeline(TINY_SD21, OSEDIFF_PARITY / "osediff_tiny.pkl", dtype="fp32")
+    mapped = file_mappings()
+    tensors = [t for m in (pipe.unet, pipe.vae) for t in (*m.parameters(), *m.buffers())]
+    inside = [t.shape for t in tensors if any(low <= t.data_ptr() < high for low, high in mapped)]
+    assert tensors and inside == []
+    # (what the library's own load does, for contrast: its weights are views of the file)
+    reference = UNet2DConditionModel.from_pretrained(TINY_SD21 / "unet", local_files_only=True)
+    mapped = file_mappings()
+    assert any(any(low <= p.data_ptr() < high for low, high in mapped) for p in reference.parameters())
+
+
+def test_text_encoders_go_to_the_library():
+    """transformers 5 renames the official CLIP keys (`text_model.*`) as it loads: the lean path declines and
+    `load_component` gives the library's weights."""
+    folder = TINY_SD21 / "text_encoder"
+    assert lean_load(CLIPTextModel, folder, component_weight_files(folder), None) is None
+    loaded = load_component(CLIPTextModel, TINY_SD21, "text_encoder")
+    reference = CLIPTextModel.from_pretrained(folder, local_files_only=True)
+    assert all(torch.equal(v, reference.state_dict()[k]) for k, v in loaded.state_dict().items())
+
+
+def test_folders_it_does_not_cover_go_to_the_library(tmp_path):
+    """A VAE folder with the old attention names (query/key/value/proj_attn, as 2022 diffusers saved it) needs the
+    library's renames: the lean path declines, `load_component` still loads it, with the same weights."""
+    folder = tmp_path / "vae"
+    shutil.copytree(TINY_SD21 / "vae", folder)
+    weights = folder / "diffusion_pytorch_model.safetensors"
+    old_names = {".to_q.": ".query.", ".to_k.": ".key.", ".to_v.": ".value.", ".to_out.0.": ".proj_attn."}
+    state = {}
+    for key, value in load_file(weights).items():
+        for new, old in old_names.items():
+            key = key.replace(new, old)
+        state[key] = value
+    assert any(".query." in k for k in state)
+    save_file(state, str(weights))
+    assert lean_load(AutoencoderKL, folder, [weights], None) is None
+    loaded = load_component(AutoencoderKL, folder)
+    reference = AutoencoderKL.from_pretrained(TINY_SD21 / "vae", local_files_only=True)
+    assert all(torch.equal(v, reference.state_dict()[k]) for k, v in loaded.state_dict().items())
+
+
+def test_a_cut_file_is_a_checkpoint_error(tmp_path):
+    path = tmp_path / "cut.safetensors"
+    data = (TINY_SD21 / "vae" / "diffusion_pytorch_model.safetensors").read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="cut short|truncated"):
+        read_safetensors_private(path)
