@@ -17,13 +17,9 @@ measured from the end of the build):
 
 from __future__ import annotations
 
-import os
 import sys
-import time
 
-from benchmark_tiling import peak_rss_gib  # (this folder is on sys.path when the script runs)
-from benchmark_training import median_step_seconds, precision_rows_main, scratch_training_files
-from benchmark_tsdsr_tsd import reset_peak_rss
+from benchmark_training import precision_rows_main, timed_training_step  # (this folder is on sys.path)
 
 ROWS = {"fp32": ("no", False), "bf16": ("bf16", False), "fp32 + ckpt": ("no", True)}
 
@@ -54,34 +50,12 @@ def build_pipeline():
 def run_row(row: str, steps: int) -> dict:
     import torch
 
-    from onestep_sr.training.config import TrainConfig
-    from onestep_sr.training.loop import Trainer
-
-    torch.set_num_threads(os.cpu_count() or 1)
     precision, checkpointing = ROWS[row]
-    tmp = scratch_training_files()
-    t0 = time.perf_counter()
-    config = TrainConfig.from_dict(
-        dict(objective="d3sr", train_data=str(tmp / "hq"), crop_size=256, perceptual="ea-dists", perceptual_weight=1.0,
-             perceptual_weights=str(tmp), output_dir=str(tmp / "out"), gradient_checkpointing=checkpointing,
-             mixed_precision=precision, device="cpu"),
-        check_paths=False,
-    )  # fmt: skip
-    trainer = Trainer(config, pipe=build_pipeline())
-    build_s = time.perf_counter() - t0
-    rss_model = peak_rss_gib()
-    reset_peak_rss()
+    values = dict(objective="d3sr", crop_size=256, perceptual="ea-dists", perceptual_weight=1.0,
+                  gradient_checkpointing=checkpointing, mixed_precision=precision)  # fmt: skip
     batch = {"hq": torch.rand(1, 3, 256, 256), "lq": torch.rand(1, 3, 256, 256), "seed": [0]}
-    seconds = median_step_seconds(trainer, batch, steps)
-    count = sum(p.numel() for p in trainer.trainable.values())
-    return {
-        "row": row,
-        "s_per_step": seconds,
-        "peak_gib": peak_rss_gib(),
-        "model_rss_gib": rss_model,
-        "build_s": build_s,
-        "trained_params_m": count / 1e6,
-    }
+    fields, trainer = timed_training_step(values, build_pipeline, batch, steps)
+    return {"row": row, **fields, "trained_params_m": sum(p.numel() for p in trainer.trainable.values()) / 1e6}
 
 
 def main() -> int:

@@ -19,13 +19,9 @@ resident memory is its own; measured from the end of the build):
 
 from __future__ import annotations
 
-import os
 import sys
-import time
 
-from benchmark_tiling import peak_rss_gib  # (this folder is on sys.path when the script runs)
-from benchmark_training import median_step_seconds, precision_rows_main, scratch_training_files
-from benchmark_tsdsr_tsd import reset_peak_rss
+from benchmark_training import precision_rows_main, timed_training_step  # (this folder is on sys.path)
 
 # row: (mixed_precision, gradient checkpointing, extra.teacher_precision)
 ROWS = {
@@ -52,33 +48,18 @@ def build_pipeline():
 def run_row(row: str, steps: int) -> dict:
     import torch
 
-    from onestep_sr.training.config import TrainConfig
-    from onestep_sr.training.loop import Trainer
-
-    torch.set_num_threads(os.cpu_count() or 1)
     precision, checkpointing, teacher = ROWS[row]
-    tmp = scratch_training_files()
-    t0 = time.perf_counter()
-    config = TrainConfig.from_dict(
-        dict(objective="tadsr-hsd", train_data=str(tmp / "hq"), crop_size=256, output_dir=str(tmp / "out"),
-             weight_decay=0.0, max_grad_norm=0.0, ema_decay=0.999, gradient_checkpointing=checkpointing,
-             mixed_precision=precision, device="cpu", extra={"teacher_precision": teacher}),
-        check_paths=False,
-    )  # fmt: skip
-    trainer = Trainer(config, pipe=build_pipeline())
-    build_s = time.perf_counter() - t0
-    rss_model = peak_rss_gib()
-    reset_peak_rss()
+    values = dict(objective="tadsr-hsd", crop_size=256, weight_decay=0.0, max_grad_norm=0.0, ema_decay=0.999,
+                  gradient_checkpointing=checkpointing, mixed_precision=precision,
+                  extra={"teacher_precision": teacher})  # fmt: skip
     batch = {"hq": torch.rand(1, 3, 256, 256), "lq": torch.rand(1, 3, 64, 64), "seed": [0]}
-    seconds = median_step_seconds(trainer, batch, steps)
+    fields, trainer = timed_training_step(values, build_pipeline, batch, steps)
+    discriminator = trainer.objective.discriminator
     return {
         "row": row,
-        "s_per_step": seconds,
-        "peak_gib": peak_rss_gib(),
-        "model_rss_gib": rss_model,
-        "build_s": build_s,
+        **fields,
         "student_params_m": sum(p.numel() for p in trainer.pipe.unet.parameters()) / 1e6,
-        "discriminator_params_m": sum(p.numel() for p in trainer.objective.discriminator.parameters()) / 1e6,
+        "discriminator_params_m": sum(p.numel() for p in discriminator.parameters()) / 1e6,
     }
 
 

@@ -99,25 +99,63 @@ def row_in_subprocess(script: str, *args: str) -> dict | None:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def compare_layouts(script: str, layouts: tuple[str, ...], args: list[str], out: Path, what: str) -> int:
-    """One row per model layout (`script --_row LAYOUT *args`), the last one the official layout: the table of
-    seconds per step and peak memory against it, on stdout and as JSON in `out`."""
+def rows_in_subprocesses(script: str, names, args: list[str], out: Path) -> list[dict] | None:
+    """Each row `script --_row NAME *args` in its own process, a progress line each, all of them as JSON in `out`
+    (None, the error printed, when one failed)."""
     rows = []
-    for layout in layouts:
-        r = row_in_subprocess(script, layout, *args)
+    for name in names:
+        r = row_in_subprocess(script, name, *args)
         if r is None:
-            return 1
+            return None
         rows.append(r)
-        print(f"{layout:12s} {r['s_per_step']:7.1f} s/step  peak {r['peak_gib']:5.2f} GiB", flush=True)
+        print(f"{name:20s} {r['s_per_step']:7.1f} s/step  peak {r['peak_gib']:5.2f} GiB", flush=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     info = {"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(), "rows": rows}
     out.write_text(json.dumps(info, indent=1))
+    return rows
+
+
+def compare_layouts(script: str, layouts: tuple[str, ...], args: list[str], out: Path, what: str) -> int:
+    """One row per model layout (`script --_row LAYOUT *args`), the last one the official layout: the table of
+    seconds per step and peak memory against it, on stdout and as JSON in `out`."""
+    rows = rows_in_subprocesses(script, layouts, args, out)
+    if rows is None:
+        return 1
     official = rows[-1]["peak_gib"]
     print(f"\n| {what} held | s / step | peak {rows[0]['memory']} (GiB) | vs {layouts[-1]} |")
     print("| --- | --- | --- | --- |")
     for r in rows:
         print(f"| {r['layout']} | {r['s_per_step']:.1f} | {r['peak_gib']:.2f} | {r['peak_gib'] / official:.0%} |")
     return 0
+
+
+def reset_peak_rss() -> None:
+    """Start VmHWM again from the current resident size (Linux: 5 > /proc/self/clear_refs)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def timed_training_step(values: dict, build_pipeline, batch: dict, steps: int) -> tuple[dict, object]:
+    """A Trainer over `build_pipeline()` with the config `values` (plus the scratch data, output and VGG16
+    folders), then the median step time and the step's own peak resident memory (measured from the end of the
+    build): (row fields, the trainer)."""
+    import torch
+
+    from onestep_sr.training.config import TrainConfig
+    from onestep_sr.training.loop import Trainer
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    tmp = scratch_training_files()
+    folders = {"train_data": str(tmp / "hq"), "output_dir": str(tmp / "out"), "perceptual_weights": str(tmp)}
+    t0 = time.perf_counter()
+    config = TrainConfig.from_dict({**folders, "device": "cpu", **values}, check_paths=False)
+    trainer = Trainer(config, pipe=build_pipeline())
+    build_s = time.perf_counter() - t0
+    rss_model = peak_rss_gib()
+    reset_peak_rss()
+    seconds = median_step_seconds(trainer, batch, steps)
+    fields = {"s_per_step": seconds, "peak_gib": peak_rss_gib(), "model_rss_gib": rss_model, "build_s": build_s}
+    return fields, trainer
 
 
 def median_step_seconds(trainer, batch: dict, steps: int) -> float:
@@ -210,16 +248,9 @@ def precision_rows_main(script: str, doc: str, rows: dict, run_row, out_name: st
     if args._row:
         print(json.dumps(run_row(args._row[0], int(args._row[1]))))
         return 0
-    done = []
-    for row in args.rows.split(";"):
-        r = row_in_subprocess(script, row, str(args.steps))
-        if r is None:
-            return 1
-        done.append(r)
-        print(f"{row:20s} {r['s_per_step']:7.1f} s/step  peak {r['peak_gib']:5.2f} GiB", flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    info = {"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(), "rows": done}
-    (args.out / out_name).write_text(json.dumps(info, indent=1))
+    done = rows_in_subprocesses(script, args.rows.split(";"), [str(args.steps)], args.out / out_name)
+    if done is None:
+        return 1
     base = done[0]
     print(f"\n| precision | s / step | peak RSS (GiB) | time vs {base['row']} |")
     print("| --- | --- | --- | --- |")

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 from benchmark_tiling import peak_rss_gib  # (this folder is on sys.path when the script runs)
-from benchmark_training import compare_layouts, median_step_seconds, scratch_training_files
+from benchmark_training import compare_layouts, median_step_seconds, reset_peak_rss, scratch_training_files
 
 STUDENT_TARGETS = ["to_k", "to_q", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "proj", "linear"]
 STUDENT_TARGETS += ["proj_out"]
@@ -69,12 +69,6 @@ def build_pipeline(tmp: Path, rank: int = 64):
                                 method="tsdsr")  # fmt: skip
     pipe.set_progress_bar_config(disable=True)
     return pipe
-
-
-def reset_peak_rss() -> None:
-    """Start VmHWM again from the current resident size (Linux: 5 > /proc/self/clear_refs)."""
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
 
 
 def run_row(layout: str, precision: str, steps: int) -> dict:
