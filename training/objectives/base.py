@@ -114,6 +114,15 @@ class SampleDraws:
         return torch.cat(rows).to(device)
 
 
+def require_method(pipe, objective: str, method_id: str, what: str, hint: str = ""):
+    """The pipeline's registered method when it is `method_id` (what the objective trains), else a ConfigError."""
+    method = pipe.sr_method
+    if method is None or method.id != method_id:
+        message = f"objective = {objective} trains {what}, got method {getattr(method, 'id', None)}"
+        raise ConfigError(f"{message}: {hint}" if hint else message)
+    return method
+
+
 def keep_trained_flags(model: torch.nn.Module, trained: set[int]) -> None:
     """peft's adapter switching turns requires_grad on and off; put it back to what the loop trains."""
     for p in model.parameters():

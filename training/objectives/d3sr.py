@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from ...pipelines.methods import d3sr as d3sr_method
 from ..config import ConfigError, TrainConfig
 from ..discriminators.nad import NoiseAwareDiscriminator, load_discriminator_unet
-from .base import Phase, SampleDraws, register_objective, settings_from_extra
+from .base import Phase, SampleDraws, register_objective, require_method, settings_from_extra
 from .regression import RegressionObjective
 
 DISCRIMINATORS = ("sd21", "sdxl")
@@ -82,12 +82,8 @@ class D3SRObjective(RegressionObjective):
         return d3sr_method.build_untrained(config.base, s.timestep, s.rank, s.alpha)
 
     def __init__(self, pipe, config: TrainConfig, perceptual: torch.nn.Module | None = None):
-        method = pipe.sr_method
-        if method is None or method.id != "d3sr":
-            raise ConfigError(
-                f"objective = d3sr trains a D3SR generator, got method {getattr(method, 'id', None)}: leave `weights` "
-                "empty to start from the base, or give a d3sr.safetensors"
-            )
+        hint = "leave `weights` empty to start from the base, or give a d3sr.safetensors"
+        require_method(pipe, self.name, self.method, "a D3SR generator", hint)
         if config.prompt:
             raise ConfigError(f"prompt = {config.prompt!r}: D3SR learns its prompt embedding (leave prompt empty)")
         super().__init__(pipe, config, perceptual)

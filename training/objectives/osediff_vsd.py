@@ -48,6 +48,7 @@ from .base import (
     add_adapter,
     keep_trained_flags,
     register_objective,
+    require_method,
     settings_from_extra,
 )
 from .regression import perceptual_value
@@ -98,9 +99,7 @@ class OSEDiffVSDObjective(Objective):
     lq_at_hq_size = True  # OSEDiff trains on the LQ resized back to the HQ size
 
     def __init__(self, pipe, config: TrainConfig, perceptual: torch.nn.Module | None = None):
-        method = pipe.sr_method
-        if method is None or method.id != "osediff":
-            raise ConfigError(f"objective = osediff-vsd trains OSEDiff weights, got {getattr(method, 'id', None)}")
+        method = require_method(pipe, self.name, "osediff", "OSEDiff weights")
         if not pipe.has_text_encoders:
             raise ConfigError("objective = osediff-vsd needs the base's text encoder and tokenizer (SD2.1-base)")
         self.pipe, self.config, self.perceptual = pipe, config, perceptual

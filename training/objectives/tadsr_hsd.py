@@ -47,7 +47,7 @@ from ...pipelines.tiling.plan import TilingPlan, vq_encode
 from ..config import ConfigError, TrainConfig
 from ..discriminators import TimeAwareProjectedDiscriminator
 from ..loop import lr_factor
-from .base import Objective, Phase, SampleDraws, register_objective, settings_from_extra
+from .base import Objective, Phase, SampleDraws, register_objective, require_method, settings_from_extra
 
 NOISES = ("uniform", "gaussian")
 TEACHER_INPUTS = ("double", "single")
@@ -127,12 +127,8 @@ class TADSRObjective(Objective):
     perceptual_loss = False  # no LPIPS term officially (the `perceptual` keys are not used)
 
     def __init__(self, pipe, config: TrainConfig, perceptual: torch.nn.Module | None = None):
-        method = pipe.sr_method
-        if method is None or method.id != "tadsr":
-            raise ConfigError(
-                f"objective = tadsr-hsd trains a one-step TAD-SR student, got method {getattr(method, 'id', None)}: "
-                "leave `method` unset (or set it to tadsr) with `weights` = the ResShift teacher file"
-            )
+        hint = "leave `method` unset (or set it to tadsr) with `weights` = the ResShift teacher file"
+        method = require_method(pipe, self.name, self.method, "a one-step TAD-SR student", hint)
         lr_multiple = pipe.config.lr_pad_multiple * pipe.fixed_upscale
         if config.crop_size % lr_multiple or config.scale != pipe.fixed_upscale:
             raise ConfigError(

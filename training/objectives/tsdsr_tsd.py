@@ -48,6 +48,7 @@ from .base import (
     add_adapter,
     keep_trained_flags,
     register_objective,
+    require_method,
     settings_from_extra,
 )
 
@@ -93,9 +94,7 @@ class TSDSRObjective(Objective):
     def __init__(self, pipe, config: TrainConfig, perceptual: torch.nn.Module | None = None):
         from diffusers import FlowMatchEulerDiscreteScheduler
 
-        method = pipe.sr_method
-        if method is None or method.id != "tsdsr":
-            raise ConfigError(f"objective = tsdsr-tsd trains TSD-SR weights, got {getattr(method, 'id', None)}")
+        method = require_method(pipe, self.name, "tsdsr", "TSD-SR weights")
         self.pipe, self.config, self.perceptual = pipe, config, perceptual
         self.settings = TSDSettings.from_extra(config.extra)
         self.draws = SampleDraws(("vae_eps", "hr_eps", "tsd_index", "tsd_noise", "reg_index", "reg_noise", "reg_u"))
