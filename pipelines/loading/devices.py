@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -68,13 +69,16 @@ def prepare_for_inference(pipe: DiffusionPipeline, device: torch.device, dtype: 
 def release_freed_memory() -> None:
     """Give the allocator's freed pages back to the system (glibc keeps freed heap memory resident: after a load,
     0.4 GiB of temporaries for a full-size SD2.1 in fp32). A no-op where there is no glibc."""
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    try:
-        trim = ctypes.CDLL(name).malloc_trim if name else None
-    except (OSError, AttributeError):
-        trim = None
+    trim = _malloc_trim()
     if trim is not None:
         trim(0)
+
+
+@functools.cache
+def _malloc_trim():
+    import ctypes
+
+    try:
+        return ctypes.CDLL(None).malloc_trim  # (the process's own symbols: glibc's, where it is the C library)
+    except (OSError, TypeError, AttributeError):
+        return None

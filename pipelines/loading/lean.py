@@ -29,8 +29,8 @@ STORED_DTYPES = {
 }  # fmt: skip
 
 
-def read_safetensors_private(path: Path, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """Every tensor of a safetensors file in memory of its own (float tensors cast to `dtype` when given)."""
+def safetensors_layout(path: Path) -> tuple[int, dict[str, dict]]:
+    """(where the data starts, key -> {dtype, shape, data_offsets}) of a safetensors file, from its header alone."""
     with open(path, "rb") as f:
         raw = f.read(8)
         if len(raw) != 8:
@@ -40,10 +40,18 @@ def read_safetensors_private(path: Path, dtype: torch.dtype | None = None) -> di
             header = json.loads(f.read(length))
         except ValueError as err:
             raise CheckpointError(f"{path}: not a readable safetensors file (bad header: {err})") from err
-        start = 8 + length
-        state = {}
+    return 8 + length, {k: v for k, v in header.items() if k != "__metadata__"}
+
+
+def read_safetensors_private(
+    path: Path, dtype: torch.dtype | None = None, keys: set[str] | None = None
+) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file (all, or `keys`) in memory of their own, float tensors cast to `dtype`."""
+    start, header = safetensors_layout(path)
+    state = {}
+    with open(path, "rb") as f:
         for key, info in header.items():
-            if key == "__metadata__":
+            if keys is not None and key not in keys:
                 continue
             stored = STORED_DTYPES.get(info.get("dtype"))
             shape, (begin, end) = info.get("shape"), info.get("data_offsets", (0, -1))
@@ -62,7 +70,8 @@ def read_safetensors_private(path: Path, dtype: torch.dtype | None = None) -> di
 
 
 def lean_load(component_cls: type, folder: Path, weight_files: list[Path], dtype: torch.dtype | None) -> Any:
-    """The model of a checked folder built from privately read weights, or None where `from_pretrained` must."""
+    """The model of a checked folder built from privately read weights, or None where `from_pretrained` must
+    (decided from the file's header, before any tensor is read)."""
     from accelerate import init_empty_weights
     from diffusers import ModelMixin
 
@@ -77,16 +86,14 @@ def lean_load(component_cls: type, folder: Path, weight_files: list[Path], dtype
         else:
             model = component_cls(component_cls.config_class.from_pretrained(folder))
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    state = read_safetensors_private(weight_files[0], dtype)
-    # buffers older exports stored that the model now rebuilds itself (e.g. CLIP's position_ids): dropped, as the
-    # libraries drop them
+    _, header = safetensors_layout(weight_files[0])
+    # buffers older exports stored that the model now rebuilds itself (e.g. CLIP's position_ids) are skipped, as
+    # the libraries skip them
     rebuilt = {name for name, _ in model.named_buffers()} - set(expected)
-    state = {k: v for k, v in state.items() if k not in rebuilt}
-    if expected != {k: tuple(v.shape) for k, v in state.items()}:
+    stored = {k: tuple(v.get("shape", ())) for k, v in header.items() if k not in rebuilt}
+    if expected != stored:
         return None  # renamed, missing or extra weights: the library's loader converts or reports them
-    model.load_state_dict(state, strict=True, assign=True)
-    if any(t.is_meta for t in (*model.parameters(), *model.buffers())):
-        return None
+    model.load_state_dict(read_safetensors_private(weight_files[0], dtype, set(stored)), strict=True, assign=True)
     if dtype is not None:  # buffers built at construction (not in the file) follow the weights' dtype
         for module in model.modules():
             for name, buffer in list(module.named_buffers(recurse=False)):
