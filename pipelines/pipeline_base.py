@@ -519,6 +519,11 @@ class OneStepSRBase(DiffusionPipeline, abc.ABC):
     channels_last = True  # convolution weights and maps in channels-last (faster; see README)
 
     @property
+    def maps_channels_last(self) -> bool:
+        """Whether the VAE's feature maps are made channels-last (the weights' format, by default)."""
+        return self.channels_last
+
+    @property
     def tagger_component(self):
         return getattr(self, "tagger", None) if self.accepts_tagger else None
 
@@ -643,7 +648,7 @@ class OneStepSRBase(DiffusionPipeline, abc.ABC):
 
     def _vae_decode(self, latents: torch.Tensor, plan: TilingPlan, report: StageReport | None) -> torch.Tensor:
         return vae_decode(
-            self.vae, latents, plan, self.vae_scale_factor, self.channels_last, report, **self.vae_decode_kwargs
+            self.vae, latents, plan, self.vae_scale_factor, self.maps_channels_last, report, **self.vae_decode_kwargs
         )
 
     def vae_units(self, plan: TilingPlan, stage: str) -> int:

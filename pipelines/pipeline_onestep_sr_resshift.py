@@ -66,7 +66,19 @@ class OneStepSRResShiftPipeline(OneStepSRBase):
     _optional_components = []
     accepts_noise = True
     tile_multiple = 64  # the Swin windows of the deepest level (8 latent px there) need multiples of 64
-    channels_last = False  # the fragile VQ argmin: keep the official summation order (see tiling.plan.vq_encode)
+
+    @property
+    def channels_last(self) -> bool:
+        """Channels-last maps and weights in bf16/fp16 only (faster: README). fp32 keeps the official summation
+        order, which the fragile VQ argmin needs for code-exact parity (see tiling.plan.vq_encode)."""
+        return self.vae.dtype != torch.float32
+
+    @property
+    def maps_channels_last(self) -> bool:
+        """Maps follow the VQGAN's weights: a copy that was never converted (a trainer's frozen bf16 VQGAN) keeps
+        the default format, as it computed before."""
+        return self.channels_last and self.vae.encoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+
     fixed_upscale = 4
 
     def __init__(
@@ -208,7 +220,9 @@ class OneStepSRResShiftPipeline(OneStepSRBase):
     def encode(self, image, latent_sampling, generator, plan: TilingPlan | None = None, report=None) -> torch.Tensor:
         """z_y: the encoder + quant_conv output, not quantised (float32, as upstream computes x_T)."""
         plan = plan or TilingPlan.untiled()
-        return self.to_model_latents(vq_encode(self.vae, image.to(self.vae.dtype), plan, report).float())
+        return self.to_model_latents(
+            vq_encode(self.vae, image.to(self.vae.dtype), plan, self.maps_channels_last, report).float()
+        )
 
     def start_latents(self, latents: torch.Tensor, noise: torch.Tensor | None, generator) -> torch.Tensor:
         """x_T = z_y + fl32(kappa sqrt(eta_T)) eps; eps given, or one float32 draw on the generator's device

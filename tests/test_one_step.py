@@ -29,9 +29,22 @@ def condition(pipe, lq, prompt=""):
     return pipe.condition_on_image(cond, lq, CPU)
 
 
-def assert_call_equals_one_step(call_images, step_image):
-    ours = (step_image.detach().float() * 0.5 + 0.5).clamp(0, 1)
-    assert torch.equal(call_images, ours), f"max |__call__ - one_step| = {(call_images - ours).abs().max():.3g}"
+# Where autograd records, the VAE's attention is PyTorch SDPA; inference on the CPU runs it as chunked matrix
+# products (pipelines/models/vae_attention.py): the same softmax(qk^T)v in another summation order (measured 7e-6)
+ATTENTION_KERNELS_ATOL = 2e-5
+
+
+def assert_call_equals_one_step(call_images, one_step):
+    """`one_step()` without gradients is bit for bit what `__call__` computed; with gradients (the step returned,
+    for the gradient checks) it differs only by the attention kernel."""
+    height, width = call_images.shape[-2:]  # (the ResShift family's step keeps the padded LR's size)
+    with torch.no_grad():
+        plain = (one_step().image[..., :height, :width].float() * 0.5 + 0.5).clamp(0, 1)
+    assert torch.equal(call_images, plain), f"max |__call__ - one_step| = {(call_images - plain).abs().max():.3g}"
+    step = one_step()
+    recorded = (step.image[..., :height, :width].detach().float() * 0.5 + 0.5).clamp(0, 1)
+    assert (recorded - plain).abs().max() <= ATTENTION_KERNELS_ATOL
+    return step
 
 
 def assert_gradients_reach(step, params):
@@ -62,8 +75,11 @@ def check_osediff(osediff_pipe, parity_cases, params):
         images = run_osediff_case(osediff_pipe, case)
         lq = load_images(case.lq * 0.5 + 0.5)[0]
         image, _ = osediff_pipe.prepare_batch(lq.rgb)
-        step = osediff_pipe.one_step(image, condition(osediff_pipe, lq, case.prompt), "sample", case.generator())
-        assert_call_equals_one_step(images, step.image)
+        cond = condition(osediff_pipe, lq, case.prompt)
+        step = assert_call_equals_one_step(
+            images,
+            lambda image=image, cond=cond, case=case: osediff_pipe.one_step(image, cond, "sample", case.generator()),
+        )
         assert (step.image.detach().clamp(-1, 1) - case.out).abs().max() <= OSEDIFF_RAW_ATOL
     assert_gradients_reach(step, params)
 
@@ -88,8 +104,10 @@ def test_tsdsr():
         images = run_tsdsr_case(pipe, case)
         lq = load_images(case.input["pixel_values"] * 0.5 + 0.5)[0]
         image, _ = pipe.prepare_batch(lq.rgb)
-        step = pipe.one_step(image, condition(pipe, lq), "sample", case.generator())
-        assert_call_equals_one_step(images, step.image)
+        cond = condition(pipe, lq)
+        step = assert_call_equals_one_step(
+            images, lambda image=image, cond=cond, case=case: pipe.one_step(image, cond, "sample", case.generator())
+        )
         assert (step.image.detach()[0].clamp(-1, 1) - case.raw).abs().max() <= TSDSR_RAW_ATOL
     assert_gradients_reach(step, params)
 
@@ -111,9 +129,8 @@ def test_tadsr(case_dir):
     images = pipe(lr, upscale=4, output_type="pt", tile_size=None, vae_tile_size=None, noise=t["eps"]).images
     lq = load_images(lr)[0]
     image, low = pipe.prepare_batch(lq.rgb)
-    step = pipe.one_step(image, condition(pipe, low), noise=t["eps"])
-    h, w = lq.size
-    assert_call_equals_one_step(images, step.image[..., : 4 * h, : 4 * w])
+    cond = condition(pipe, low)
+    step = assert_call_equals_one_step(images, lambda: pipe.one_step(image, cond, noise=t["eps"]))
     assert (step.clean_latent.detach() - t["pred_x0"]).abs().max() <= 1e-4
     assert_gradients_reach(step, params)
 

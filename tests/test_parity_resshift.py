@@ -343,3 +343,15 @@ def test_half_precisions_run_close_to_fp32(pipe, cases, dtype):
     case = padded(cases)
     out = run(half, case)
     assert torch.isfinite(out).all() and (out - run(pipe, case)).abs().mean() < 0.1
+
+
+def test_memory_format_follows_the_precision(pipe):
+    """fp32 keeps the official summation order (the parity above); bf16/fp16 run channels-last, weights and maps
+    (README: which precision is parity-exact)."""
+    conv = pipe.vae.encoder.conv_in.weight
+    assert not pipe.channels_last and conv.is_contiguous()
+    half = load_pipeline(VQ, UNET, dtype="bf16")
+    assert half.channels_last and half.maps_channels_last
+    for module in (half.vae, half.unet):
+        weights = [m.weight for m in module.modules() if isinstance(m, torch.nn.Conv2d)]
+        assert weights and all(w.is_contiguous(memory_format=torch.channels_last) for w in weights)

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from diffusers import DiffusionPipeline
 
+from ..models.vae_attention import use_chunked_attention
 from ..options import DEVICE_NAMES, DTYPE_NAMES, DTYPES
 from .bases import quiet_diffusers
 
@@ -52,7 +53,7 @@ def cpu_has_fast_bf16() -> bool:
 
 
 def prepare_for_inference(pipe: DiffusionPipeline, device: torch.device, dtype: torch.dtype) -> DiffusionPipeline:
-    """Eval mode, device, dtype, and channels-last convolution weights."""
+    """Eval mode, device, dtype, channels-last convolution weights and the VAE's chunked attention."""
     for module in pipe.components.values():
         if isinstance(module, torch.nn.Module):
             module.eval()
@@ -62,8 +63,35 @@ def prepare_for_inference(pipe: DiffusionPipeline, device: torch.device, dtype: 
     for name in CONV_MODULES if getattr(pipe, "channels_last", True) else ():
         module = getattr(pipe, name, None)
         if module is not None:
-            module.to(memory_format=torch.channels_last)
+            to_channels_last_in_place(module)
+    if isinstance(getattr(pipe, "vae", None), torch.nn.Module):
+        use_chunked_attention(pipe.vae)  # the mid-block attention as chunked matrix products on the CPU
     return pipe
+
+
+def to_channels_last_in_place(module: torch.nn.Module) -> None:
+    """Every 4-D weight (and buffer) of `module` rewritten channels-last inside its own storage, through one scratch
+    buffer the size of the largest: `module.to(memory_format=...)` allocates a new copy of each weight instead, and
+    the freed ones stay resident on the heap (+0.45 GiB at the end of a bf16 SD2.1 load)."""
+    scratch = None
+    for sub in module.modules():
+        for tensors in (sub._parameters, sub._buffers):
+            for tensor in tensors.values():
+                if tensor is None or tensor.ndim != 4 or tensor.is_contiguous(memory_format=torch.channels_last):
+                    continue
+                data = tensor.data
+                if not data.is_contiguous():  # an unusual layout: a plain copy
+                    tensor.data = data.contiguous(memory_format=torch.channels_last)
+                    continue
+                if scratch is None or scratch.numel() < data.numel() or scratch.dtype != data.dtype:
+                    scratch = torch.empty(max(data.numel(), 0 if scratch is None else scratch.numel()),
+                                          dtype=data.dtype, device=data.device)  # fmt: skip
+                saved = scratch[: data.numel()].view(data.shape)
+                saved.copy_(data)
+                _, c, h, w = data.shape
+                permuted = data.as_strided(data.shape, (c * h * w, 1, w * c, c), data.storage_offset())
+                permuted.copy_(saved)
+                tensor.data = permuted
 
 
 def release_freed_memory() -> None:

@@ -228,10 +228,13 @@ def vae_encode(vae, image: torch.Tensor, plan: TilingPlan, report: StageReport |
     )
 
 
-def vq_encode(vae, image: torch.Tensor, plan: TilingPlan, report: StageReport | None = None) -> torch.Tensor:
-    """A VQ model's latent (encoder + quant_conv, not quantised), streamed like `vae_encode`. Kept in the default
-    memory format: the VQ argmin is fragile and channels-last reorders the encoder's sums (measured 2e-4)."""
-    image = image.contiguous()
+def vq_encode(
+    vae, image: torch.Tensor, plan: TilingPlan, channels_last: bool = False, report: StageReport | None = None
+) -> torch.Tensor:
+    """A VQ model's latent (encoder + quant_conv, not quantised), streamed like `vae_encode`. In the default
+    memory format unless asked: the VQ argmin is fragile and channels-last reorders the encoder's sums (measured
+    2e-4), so fp32 keeps the official order."""
+    image = image.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     untiled, streamed = lambda: vae.encode(image).latents, lambda s: s.encode_moments(image)
     return _run_vae(plan, image.shape[-2:], untiled, streamed, vae, "encode", report)
 

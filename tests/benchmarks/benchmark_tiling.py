@@ -150,7 +150,8 @@ def run_tagger(config: str) -> dict:
 
 def run_resshift(config: str, lq_side: int) -> dict:
     """The full-size ResShift-family model (TAD-SR/SinSR: 118.6 M UNet + 55.3 M VQGAN-f4, random weights), one
-    step, LQ -> 4x. baseline: fp32, untiled; default: dtype "auto", tiling "auto"."""
+    step, LQ -> 4x. baseline: fp32, untiled, diffusers' own SDPA attention in the VQGAN (the code before the
+    chunked attention); fp32: this package in fp32, untiled; default: dtype "auto", tiling "auto"."""
     import torch
     from diffusers import VQModel
 
@@ -159,10 +160,16 @@ def run_resshift(config: str, lq_side: int) -> dict:
     from onestep_sr.pipelines.loading.bases import RESSHIFT_VQ_F4_CONFIG
 
     torch.set_num_threads(os.cpu_count() or 1)
-    dtype = torch.float32 if config == "baseline" else resolve_dtype("auto", torch.device("cpu"))
+    dtype = torch.float32 if config in ("baseline", "fp32") else resolve_dtype("auto", torch.device("cpu"))
     torch.manual_seed(0)
     pipe = OneStepSRResShiftPipeline(vae=VQModel(**RESSHIFT_VQ_F4_CONFIG), unet=ResShiftUNet(), method="tadsr")
     pipe = prepare_for_inference(pipe, torch.device("cpu"), dtype)
+    if config == "baseline":
+        from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+
+        for layer in pipe.vae.modules():
+            if isinstance(layer, Attention):
+                layer.set_processor(AttnProcessor2_0())
     pipe.set_progress_bar_config(disable=True)
     rss_models = peak_rss_gib()
     y, x = torch.meshgrid(torch.linspace(0, 6, lq_side), torch.linspace(0, 6, lq_side), indexing="ij")
@@ -256,8 +263,9 @@ def main() -> int:
     parser.add_argument("--_resshift", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument(
         "--resshift",
-        default="256:baseline,256:default,512:default",
-        help="ResShift-family rows as LQ_SIDE:CONFIG (LQ 256 -> 1024 px, 512 -> 2048 px); '' skips them",
+        default="128:baseline,128:fp32,128:default,256:baseline,256:fp32,256:default,512:default",
+        help="ResShift-family rows as LQ_SIDE:CONFIG, CONFIG baseline|fp32|default (LQ 128 -> 512 px, 256 -> 1024, "
+        "512 -> 2048); '' skips them",
     )
     parser.add_argument("--_child", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--_quality", nargs=2, help=argparse.SUPPRESS)
@@ -337,6 +345,12 @@ def main() -> int:
             row = f"{r['config']:16} {r['output']:>6} {r['dtype']:>8} {r['denoiser_tile']!s:>5} {r['vae_tile']!s:>5} "
             print(row + f"{r['encode_s']:>6.1f}s {r['denoise_s']:>7.1f}s {r['decode_s']:>6.1f}s {r['total_s']:>6.1f}s "
                   f"{r['peak_rss_gib']:>7.2f}G")  # fmt: skip
+        timed = {(r["config"], r["output"]): r["total_s"] for r in resshift if "error" not in r}
+        for (config, side), seconds in sorted(timed.items(), key=lambda item: item[0][1]):
+            if config != "resshift-baseline":
+                for base in ("resshift-baseline", "resshift-fp32"):
+                    if base != config and (base, side) in timed:
+                        print(f"{config} vs {base} at {side}: {timed[(base, side)] / seconds:.2f}x faster")
     if taggers:
         print("\nDAPE/RAM tagger (Swin-L 384 + tagging head, random weights), one 512 px image per call\n")
         print(f"{'config':16} {'dtype':>8} {'params':>8} {'time':>7} {'peak RSS':>9}")
