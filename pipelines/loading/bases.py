@@ -48,7 +48,7 @@ def load_sd_base(
             "scheduler": load_component(DDPMScheduler, base, "scheduler"),
         }
         if (base / "text_encoder").is_dir() and (base / "tokenizer").is_dir():
-            components["text_encoder"] = load_component(CLIPTextModel, base, "text_encoder")
+            components["text_encoder"] = load_component(CLIPTextModel, base, "text_encoder", torch_dtype=dtype)
             components["tokenizer"] = load_component(CLIPTokenizer, base, "tokenizer")
         return components
     if base.is_file() and base.suffix.lower() in SINGLE_FILE_SUFFIXES:
@@ -115,7 +115,7 @@ def load_sd3_base(
             "vae": load_component(AutoencoderKL, base, "vae", torch_dtype=dtype),
             "scheduler": load_component(FlowMatchEulerDiscreteScheduler, base, "scheduler"),
         }
-        components.update(_load_sd3_text_encoders(base))
+        components.update(_load_sd3_text_encoders(base, dtype))
         return components
     if base.is_file() and base.suffix.lower() in SINGLE_FILE_SUFFIXES:
         config = Path(config) if config else SD3_MEDIUM_CONFIG
@@ -144,15 +144,15 @@ def load_sd3_base(
     )
 
 
-def _load_sd3_text_encoders(base: Path) -> dict[str, Any]:
-    """The SD3 text encoders, when the folder has them (needed only for custom prompts)."""
+def _load_sd3_text_encoders(base: Path, dtype: torch.dtype | None = None) -> dict[str, Any]:
+    """The SD3 text encoders, when the folder has them (needed only for custom prompts), read in `dtype`."""
     from transformers import AutoTokenizer, CLIPTextModelWithProjection, T5EncoderModel
 
     found: dict[str, Any] = {}
     for suffix, cls in (("", CLIPTextModelWithProjection), ("_2", CLIPTextModelWithProjection), ("_3", T5EncoderModel)):
         enc, tok = base / f"text_encoder{suffix}", base / f"tokenizer{suffix}"
         if enc.is_dir() and tok.is_dir():
-            found[f"text_encoder{suffix}"] = load_component(cls, base, enc.name)
+            found[f"text_encoder{suffix}"] = load_component(cls, base, enc.name, torch_dtype=dtype)
             found[f"tokenizer{suffix}"] = load_component(AutoTokenizer, base, tok.name)
     if ("text_encoder" in found) != ("text_encoder_2" in found):
         found = {k: v for k, v in found.items() if k.endswith("_3")}

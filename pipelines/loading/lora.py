@@ -78,12 +78,22 @@ def apply_lora(model: nn.Module, lora: LoRAWeights, *, fuse: bool, adapter_name:
             layer.lora_B[adapter_name].weight.copy_(b)
 
 
+FUSION_BLOCK_VALUES = 2**19  # float64 values per block of output rows: 4 MiB of workspace, whatever the layer
+
+
 def fuse_lora_delta(module: nn.Module, a: torch.Tensor, b: torch.Tensor, scale: float) -> None:
-    """W += scale * B @ A, computed in float64; conv A carries the kernel, B is 1x1 (peft convention)."""
+    """W += scale * B @ A, computed in float64; conv A carries the kernel, B is 1x1 (peft convention). A few output
+    rows at a time, so the float64 workspace stays small next to the weights (a whole 1280x1280x3x3 layer in float64
+    would be 3 x 118 MB at once); each value is the same sum as in one product."""
     weight = module.weight
-    delta = (b.double().reshape(b.shape[0], -1) @ a.double().reshape(a.shape[0], -1)).reshape(weight.shape)
+    a = a.double().reshape(a.shape[0], -1).to(weight.device)
+    b = b.double().reshape(b.shape[0], -1).to(weight.device)
+    step = max(1, FUSION_BLOCK_VALUES // max(a.shape[1], 1))
     with torch.no_grad():
-        weight.copy_((weight.double() + scale * delta.to(weight.device)).to(weight.dtype))
+        for start in range(0, weight.shape[0], step):
+            block = weight[start : start + step]  # a view in any memory format (channels-last included)
+            delta = (b[start : start + step] @ a).reshape(block.shape)
+            block.copy_(delta.mul_(scale).add_(block))  # = W + scale * delta, in float64 (one workspace)
 
 
 def replace_weights(model: nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:

@@ -1,0 +1,191 @@
+"""Load time and memory of `load_pipeline` on FULL-SIZE files (random weights), in fp32 and the default dtype.
+
+Not part of the test suite. One command (writes about 6 GB of weight files once, under --dir):
+
+    python tests/benchmarks/benchmark_loading.py          # table on stdout, JSON in bench_out/
+
+Families: OSEDiff (a full-size SD2.1-base diffusers folder: UNet, VAE, OpenCLIP-H text encoder; plus osediff.pkl
+with rank-4 LoRA, as released; D3SR loads the same way) and the ResShift family (TAD-SR / SinSR: the 118.6 M UNet
+.pth and ResShift's VQGAN-f4 .pth). Each row runs in its own process after the imports: load seconds, resident
+memory before the load, its peak during the load (VmHWM) and after it, and the loaded weights' own bytes. The
+`reference` rows read the same files the way the official scripts do (diffusers `from_pretrained` of the three
+components, or `torch.load` + `load_state_dict`), without LoRA fusion or any check: the time to beat.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+GIB = 2**30
+
+
+def rss_gib(field: str = "VmRSS") -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 2**20
+    return float("nan")
+
+
+def reset_peak_rss() -> None:
+    with open("/proc/self/clear_refs", "w") as f:  # "5" resets VmHWM to the current RSS (Linux)
+        f.write("5")
+
+
+def write_files(folder: Path) -> dict[str, Path]:
+    """The full-size files (random weights), written once."""
+    import torch
+
+    files = {
+        "sd21": folder / "sd21-base",
+        "osediff": folder / "osediff.pkl",
+        "vq": folder / "autoencoder_vq_f4.pth",
+        "tadsr": folder / "TAD-SR.pth",
+    }
+    if all(p.exists() for p in files.values()):
+        return files
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel, VQModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from onestep_sr import OneStepSRResShiftPipeline, ResShiftUNet
+    from onestep_sr.pipelines.demo_models import SD_SCHEDULER, make_osediff_checkpoint, write_offline_clip_tokenizer
+    from onestep_sr.pipelines.loading import SD21_BASE_CONFIG
+    from onestep_sr.pipelines.loading.bases import RESSHIFT_VQ_F4_CONFIG
+    from onestep_sr.pipelines.methods.resshift import write_weights
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from ldm_checkpoint import vae_to_ldm
+
+    torch.manual_seed(0)
+    base = files["sd21"]
+    UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(SD21_BASE_CONFIG / "unet")).save_pretrained(
+        base / "unet"
+    )
+    AutoencoderKL.from_config(AutoencoderKL.load_config(SD21_BASE_CONFIG / "vae")).save_pretrained(base / "vae")
+    text_config = json.loads((SD21_BASE_CONFIG / "text_encoder" / "config.json").read_text())
+    CLIPTextModel(CLIPTextConfig(**text_config)).save_pretrained(base / "text_encoder")
+    DDPMScheduler(**SD_SCHEDULER).save_pretrained(base / "scheduler")
+    write_offline_clip_tokenizer(base / "tokenizer")
+    (base / "model_index.json").write_text((SD21_BASE_CONFIG / "model_index.json").read_text())
+    make_osediff_checkpoint(base, files["osediff"], rank=4)
+    vq = VQModel(**RESSHIFT_VQ_F4_CONFIG)
+    ldm = {k.removeprefix("first_stage_model."): v for k, v in vae_to_ldm(vq).items()}
+    torch.save(ldm, files["vq"])
+    from onestep_sr.pipelines.loading.bases import load_vq_f4
+
+    pipe = OneStepSRResShiftPipeline(vae=load_vq_f4(files["vq"]), unet=ResShiftUNet(), method="tadsr")
+    write_weights(pipe, files["tadsr"])
+    return files
+
+
+def weights_gib(modules) -> float:
+    return sum(t.numel() * t.element_size() for m in modules for t in [*m.parameters(), *m.buffers()]) / GIB
+
+
+def load_row(family: str, config: str, folder: Path) -> dict:
+    import torch
+
+    from onestep_sr import load_pipeline
+    from onestep_sr.pipelines.loading import resolve_dtype
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    files = write_files(folder)
+    dtype = torch.float32 if config == "fp32" else resolve_dtype("auto", torch.device("cpu"))
+    if config == "reference":
+        dtype = torch.float32
+        import diffusers  # noqa: F401  (imports paid before the clock starts, as for the other rows)
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+        from transformers import CLIPTextModel
+    before = rss_gib()
+    reset_peak_rss()
+    start = time.perf_counter()
+    if config == "reference" and family == "osediff":
+        base = files["sd21"]
+        modules = [
+            UNet2DConditionModel.from_pretrained(base, subfolder="unet"),
+            AutoencoderKL.from_pretrained(base, subfolder="vae"),
+            CLIPTextModel.from_pretrained(base, subfolder="text_encoder"),
+        ]
+        torch.load(files["osediff"], weights_only=True)  # the LoRA, read (the official script then wraps it)
+    elif config == "reference":
+        from diffusers import VQModel
+
+        from onestep_sr import ResShiftUNet
+        from onestep_sr.pipelines.loading.bases import RESSHIFT_VQ_F4_CONFIG, vq_state_from_ldm
+
+        unet = ResShiftUNet()
+        unet.load_state_dict(torch.load(files["tadsr"], weights_only=True)["state_dict"], strict=False)
+        vq = VQModel(**RESSHIFT_VQ_F4_CONFIG)
+        vq.load_state_dict(vq_state_from_ldm(torch.load(files["vq"], weights_only=True), 3), strict=False)
+        modules = [unet, vq]
+    else:
+        base, weights = (files["sd21"], files["osediff"]) if family == "osediff" else (files["vq"], files["tadsr"])
+        pipe = load_pipeline(base, weights, dtype=dtype)
+        modules = [m for m in pipe.components.values() if isinstance(m, torch.nn.Module)]
+    seconds = time.perf_counter() - start
+    weights = weights_gib(modules)
+    peak, after = rss_gib("VmHWM"), rss_gib()
+    return {
+        "family": family,
+        "config": config,
+        "dtype": str(dtype).replace("torch.", ""),
+        "load_s": round(seconds, 2),
+        "weights_gib": round(weights, 3),
+        "before_gib": round(before, 2),
+        "peak_gib": round(peak, 2),
+        "after_gib": round(after, 2),
+        "peak_over_weights": round((peak - before) / weights, 3),
+        "after_over_weights": round((after - before) / weights, 3),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dir", type=Path, default=Path("bench_out/loading_files"), help="where the files go")
+    parser.add_argument("--families", default="osediff,resshift")
+    parser.add_argument("--configs", default="reference,fp32,default")
+    parser.add_argument("--repeats", type=int, default=2, help="each row this many times, interleaved")
+    parser.add_argument("--out", type=Path, default=Path("bench_out"))
+    parser.add_argument("--_row", nargs=2, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args._row:
+        print(json.dumps(load_row(args._row[0], args._row[1], args.dir)))
+        return 0
+    write_files(args.dir)  # once, before any timing
+    rows = []
+    for _ in range(args.repeats):
+        for family in [f for f in args.families.split(",") if f]:
+            for config in [c for c in args.configs.split(",") if c]:
+                command = [sys.executable, __file__, "--dir", str(args.dir), "--_row", family, config]
+                proc = subprocess.run(command, capture_output=True, text=True)
+                if proc.returncode:
+                    row = {"family": family, "config": config, "error": (proc.stderr.strip() or "killed")[-300:]}
+                else:
+                    row = json.loads(proc.stdout.strip().splitlines()[-1])
+                rows.append(row)
+                print(json.dumps(row), file=sys.stderr, flush=True)
+    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"
+    print(f"\nLoading, full-size files with random weights ({machine}); over-weights = (RSS - RSS before) / weights")
+    print(f"{'family':9} {'config':10} {'dtype':>9} {'load':>7} {'weights':>8} {'peak':>7} {'after':>7} "
+          f"{'peak/w':>7} {'after/w':>8}")  # fmt: skip
+    for r in rows:
+        if "error" in r:
+            print(f"{r['family']:9} {r['config']:10} failed: {r['error']}")
+            continue
+        print(f"{r['family']:9} {r['config']:10} {r['dtype']:>9} {r['load_s']:>6.1f}s {r['weights_gib']:>7.2f}G "
+              f"{r['peak_gib']:>6.2f}G {r['after_gib']:>6.2f}G {r['peak_over_weights']:>7.2f} "
+              f"{r['after_over_weights']:>8.2f}")  # fmt: skip
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "benchmark_loading.json").write_text(json.dumps({"machine": machine, "rows": rows}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
