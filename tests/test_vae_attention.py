@@ -1,6 +1,6 @@
 """The autoencoders' mid-block attention as chunked matrix products (pipelines/models/vae_attention.py): equal to a
 float64 recomputation within the dtype's rounding, to diffusers' own SDPA processor on whole VAEs, installed by
-`prepare_for_inference`, and out of the way where autograd records."""
+`prepare_for_inference`, chosen only where it is measured faster, and out of the way where autograd records."""
 
 from __future__ import annotations
 
@@ -10,11 +10,13 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL, VQModel
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
+from onestep_sr.pipelines.models import vae_attention as module
 from onestep_sr.pipelines.models.vae_attention import (
     ChunkedVAEAttnProcessor,
     chunked_attention,
     query_block_size,
     use_chunked_attention,
+    vae_attention,
 )
 
 
@@ -64,19 +66,48 @@ def test_query_blocks_bound_the_scores_workspace():
     assert query_block_size(10**6, 10**7, 4) == 64  # at least one useful block
 
 
-def test_autograd_and_other_devices_keep_sdpa(monkeypatch):
-    q, k, v = qkv((1, 1, 200, 32), torch.float32)
-    q.requires_grad_(True)
+@pytest.mark.parametrize("fast_bf16", [True, False])
+def test_the_kernel_is_chosen_by_dtype_machine_and_autograd(fast_bf16, monkeypatch):
+    """Chunked only for bf16 inference on CPUs with fast bf16 matrix products (AMX, AMD with AVX512-BF16); SDPA for
+    fp32/fp16 (measured as fast or faster), elsewhere, and wherever autograd records."""
+    monkeypatch.setattr(module, "cpu_has_fast_bf16_matmul", lambda: fast_bf16)
     calls = []
     real = F.scaled_dot_product_attention
     monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a, **kw: calls.append(1) or real(*a, **kw))
-    out = chunked_attention(q, k, v)
-    out.sum().backward()  # differentiable
-    assert calls and q.grad is not None
-    with torch.no_grad():
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        q, k, v = qkv((1, 1, 200, 32), dtype)
         calls.clear()
-        chunked_attention(q, k, v)
-        assert not calls  # inference: the chunked products
+        with torch.no_grad():
+            vae_attention(q, k, v)
+        assert bool(calls) == (dtype != torch.bfloat16 or not fast_bf16), dtype
+    q.requires_grad_(True)
+    calls.clear()
+    vae_attention(q, k, v).float().sum().backward()  # differentiable
+    assert calls and q.grad is not None
+
+
+@pytest.mark.parametrize("cpuinfo, amx, avx512_bf16, fast", [
+    ("vendor_id\t: AuthenticAMD\n", False, True, True),
+    ("vendor_id\t: GenuineIntel\n", False, True, False),
+    ("vendor_id\t: GenuineIntel\n", True, True, True),
+    ("vendor_id\t: AuthenticAMD\n", False, False, False),
+])  # fmt: skip
+def test_fast_bf16_matmul_detection(cpuinfo, amx, avx512_bf16, fast, monkeypatch, tmp_path):
+    import builtins
+
+    info = tmp_path / "cpuinfo"
+    info.write_text(cpuinfo)
+    real_open = builtins.open
+    monkeypatch.setattr(
+        builtins, "open", lambda path, *a, **kw: real_open(info if path == "/proc/cpuinfo" else path, *a, **kw)
+    )
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
+    module.cpu_has_fast_bf16_matmul.cache_clear()
+    try:
+        assert module.cpu_has_fast_bf16_matmul() == fast
+    finally:
+        module.cpu_has_fast_bf16_matmul.cache_clear()
 
 
 def tiny_vq():
@@ -114,7 +145,7 @@ def test_whole_vae_equals_diffusers_sdpa_processor(make):
             layer.set_processor(AttnProcessor2_0())
         reference_latent = encode(vae, image)
         reference = vae.decode(reference_latent).sample
-        use_chunked_attention(vae, query_block=50)  # several blocks of the 24x20 latent's 480 tokens
+        use_chunked_attention(vae, query_block=50, always_chunked=True)  # blocks of the 24x20 latent's 480 tokens
         assert all(isinstance(layer.processor, ChunkedVAEAttnProcessor) for layer in attention_layers(vae))
         latent = encode(vae, image)
         decoded = vae.decode(latent).sample

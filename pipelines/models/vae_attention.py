@@ -1,21 +1,27 @@
-"""The autoencoders' global self-attention as chunked matrix products.
+"""The autoencoders' global self-attention as chunked matrix products, where that is faster than PyTorch SDPA.
 
 A VAE's mid-block attends over every latent position with one head of 512 channels: at 1024 px output the ResShift
 VQGAN-f4 attends over 65,536 tokens, twice (encoder and decoder), 17.6 of the 34.4 TFLOP of a TAD-SR/SinSR run.
-PyTorch's CPU SDPA kernel runs such wide single heads at about 100 GFLOP/s on this project's machine, a plain
-matrix product at 200-350 (measured: `python tests/benchmarks/benchmark_vae_attention.py`). So inference computes
-`softmax(q k^T * scale) v` one block of queries at a time: the scores of one block (at most `SCORES_BUDGET` bytes)
-are the only large workspace, reused for every block; the maximum, `exp` and sum of the softmax run in place on
-it, the sum accumulated in float32 and the normalisation applied to the block's float32 result, so a bf16/fp16 run
-loses no more than its output dtype does. The order of operations is the official LDM `AttnBlock`'s (scores, scale,
-softmax, weighted sum).
+`chunked_attention` computes `softmax(q k^T * scale) v` one block of queries at a time: the scores of one block (at
+most `SCORES_BUDGET` bytes) are the only large workspace, reused for every block; the maximum, `exp` and sum of the
+softmax run in place on it, the sum accumulated in float32 and the normalisation applied to the block's float32
+result, so a bf16 run loses no more than its output dtype does (the scores themselves are rounded to the compute
+dtype: there is no float32-output matrix product on the CPU). The order of operations is the official LDM
+`AttnBlock`'s (scores, scale, softmax, weighted sum).
 
-Where it applies: CPU inference. On a GPU, PyTorch's SDPA kernels are fast and keep float32 scores, and where autograd
-records (training) the in-place softmax could not be differentiated: there `chunked_attention` is PyTorch SDPA,
-unchanged.
+Which kernel runs (`vae_attention`) is measured, not assumed (`python tests/benchmarks/benchmark_vae_attention.py`):
+- fp32 and fp16, and any GPU: PyTorch SDPA. Its CPU flash kernel ran one 512-channel head at 288-296 GFLOP/s in
+  fp32 on this project's 2-core Intel machine, the chunked products at 262-280 (0.91-0.94x).
+- bf16 on a CPU whose bf16 matrix products are fast (AMX, or AMD Zen 4+ with AVX512-BF16): the chunked products.
+  On the AMD EPYC this project first ran on, SDPA ran these heads at ~200 GFLOP/s in bf16 and plain bf16 matrix
+  products at 430-470. On an Intel CPU with AVX512-BF16 but no AMX, bf16 matrix products are slow (143-154 GFLOP/s
+  chunked vs 166 SDPA here): SDPA.
+- Where autograd records (training): SDPA (the in-place softmax could not be differentiated).
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -33,10 +39,7 @@ def chunked_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None, query_block: int | None = None
 ) -> torch.Tensor:
     """softmax(q k^T * scale) v for (..., tokens, channels) tensors (leading dimensions: batch, heads), equal to
-    `F.scaled_dot_product_attention(q, k, v, scale=scale)` within the dtype's rounding."""
-    recording = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    if recording or q.device.type != "cpu":
-        return F.scaled_dot_product_attention(q, k, v, scale=scale)
+    `F.scaled_dot_product_attention(q, k, v, scale=scale)` within the dtype's rounding. Not differentiable."""
     lead, queries, keys = q.shape[:-2], q.shape[-2], k.shape[-2]
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     q, k, v = (t.reshape(-1, *t.shape[-2:]) for t in (q, k, v))
@@ -57,15 +60,45 @@ def chunked_attention(
     return out.reshape(*lead, queries, v.shape[-1])
 
 
+@functools.cache
+def cpu_has_fast_bf16_matmul() -> bool:
+    """AMX, or an AMD CPU with AVX512-BF16 (Zen 4 and later): where bf16 matrix products beat the SDPA kernel."""
+    if getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)():
+        return True
+    if not getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)():
+        return False
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            return "AuthenticAMD" in f.read(4096)
+    except OSError:
+        return False
+
+
+def uses_chunked_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    recording = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    return not recording and q.device.type == "cpu" and q.dtype == torch.bfloat16 and cpu_has_fast_bf16_matmul()
+
+
+def vae_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None, query_block: int | None = None
+) -> torch.Tensor:
+    """The faster of the two kernels for this device, dtype and mode (module docstring)."""
+    if uses_chunked_kernel(q, k, v):
+        return chunked_attention(q, k, v, scale=scale, query_block=query_block)
+    return F.scaled_dot_product_attention(q, k, v, scale=scale)
+
+
 class ChunkedVAEAttnProcessor:
     """A diffusers attention processor for the autoencoders' mid-block self-attention (group norm, one or more
-    heads, residual, output rescale), computed with `chunked_attention`. Anything else (cross-attention, masks,
-    spatial or q/k norms) is handed to diffusers' own SDPA processor unchanged."""
+    heads, residual, output rescale), computed with `vae_attention` (`always_chunked`: `chunked_attention` under
+    no_grad, whatever the machine). Anything else (cross-attention, masks, spatial or q/k norms) is handed to
+    diffusers' own SDPA processor unchanged."""
 
-    def __init__(self, query_block: int | None = None):
+    def __init__(self, query_block: int | None = None, always_chunked: bool = False):
         from diffusers.models.attention_processor import AttnProcessor2_0
 
         self.query_block = query_block
+        self.always_chunked = always_chunked
         self.fallback = AttnProcessor2_0()
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
@@ -90,7 +123,10 @@ class ChunkedVAEAttnProcessor:
         batch, tokens, inner = q.shape
         head_dim = inner // attn.heads
         q, k, v = (t.view(batch, -1, attn.heads, head_dim).transpose(1, 2) for t in (q, k, v))
-        mixed = chunked_attention(q, k, v, scale=attn.scale, query_block=self.query_block)
+        if self.always_chunked and not torch.is_grad_enabled():
+            mixed = chunked_attention(q, k, v, scale=attn.scale, query_block=self.query_block)
+        else:
+            mixed = vae_attention(q, k, v, scale=attn.scale, query_block=self.query_block)
         hidden_states = attn.to_out[1](attn.to_out[0](mixed.transpose(1, 2).reshape(batch, tokens, inner)))
         if spatial:
             hidden_states = hidden_states.transpose(1, 2).reshape(n, channels, height, width)
@@ -99,12 +135,12 @@ class ChunkedVAEAttnProcessor:
         return hidden_states / attn.rescale_output_factor
 
 
-def use_chunked_attention(vae: torch.nn.Module, query_block: int | None = None) -> None:
+def use_chunked_attention(vae: torch.nn.Module, query_block: int | None = None, always_chunked: bool = False) -> None:
     """Route every attention layer of an autoencoder through `ChunkedVAEAttnProcessor` (a no-op for a model
     without diffusers attention layers)."""
     from diffusers.models.attention_processor import Attention
 
-    processor = ChunkedVAEAttnProcessor(query_block)
+    processor = ChunkedVAEAttnProcessor(query_block, always_chunked)
     for module in vae.modules():
         if isinstance(module, Attention):
             module.set_processor(processor)

@@ -9,7 +9,7 @@ normalisation and attention is computed tile by tile ("streamed"):
   untiled convolution (no seams, no receptive-field padding needed);
 - GroupNorm statistics are accumulated over the whole feature map first (exact, float64 sums),
   then each tile is normalised with them on the fly, fused into the next convolution;
-- the mid-block self-attention is global (chunked matrix products on the CPU, PyTorch SDPA on GPUs:
+- the mid-block self-attention is global (PyTorch SDPA, or chunked matrix products where they are faster:
   `models.vae_attention`; memory linear in the tokens either way)
   while the feature map has at most `global_attention_tokens` tokens (256^2: a 2048x2048 image
   for SD's 8x VAE), else per tile with `attention_pad` tokens of context on every side, the only
@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from torch import nn
 
-from ..models.vae_attention import chunked_attention
+from ..models.vae_attention import vae_attention
 
 Region = tuple[int, int, int, int]  # r0, r1, c0, c1 (half-open)
 
@@ -171,7 +171,7 @@ class StreamedVAE:
             q, k, v = attn.to_q(tokens), attn.to_k(tokens), attn.to_v(tokens)
             heads = attn.heads
             q, k, v = (t.view(n, -1, heads, c // heads).transpose(1, 2) for t in (q, k, v))
-            o = chunked_attention(q, k, v, scale=attn.scale)
+            o = vae_attention(q, k, v, scale=attn.scale)
             o = attn.to_out[0](o.transpose(1, 2).reshape(n, -1, c))
             o = o.transpose(1, 2).reshape(n, c, th, tw)[..., r0 - a0 : r1 - a0, c0 - b0 : c1 - b0]
             region = out[..., r0:r1, c0:c1]
