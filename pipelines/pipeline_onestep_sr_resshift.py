@@ -66,6 +66,7 @@ class OneStepSRResShiftPipeline(OneStepSRBase):
     _optional_components = []
     accepts_noise = True
     tile_multiple = 64  # the Swin windows of the deepest level (8 latent px there) need multiples of 64
+    fixed_upscale = 4
 
     @property
     def channels_last(self) -> bool:
@@ -78,8 +79,6 @@ class OneStepSRResShiftPipeline(OneStepSRBase):
         """Maps follow the VQGAN's weights: a copy that was never converted (a trainer's frozen bf16 VQGAN) keeps
         the default format, as it computed before."""
         return self.channels_last and self.vae.encoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
-
-    fixed_upscale = 4
 
     def __init__(
         self,

@@ -12,10 +12,10 @@ from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
 from onestep_sr.pipelines.models import vae_attention as module
 from onestep_sr.pipelines.models.vae_attention import (
-    ChunkedVAEAttnProcessor,
+    VAEAttnProcessor,
     chunked_attention,
     query_block_size,
-    use_chunked_attention,
+    use_vae_attention,
     vae_attention,
 )
 
@@ -137,26 +137,28 @@ def attention_layers(vae):
 
 
 @pytest.mark.parametrize("make", [tiny_vq, tiny_kl])
-def test_whole_vae_equals_diffusers_sdpa_processor(make):
+def test_whole_vae_equals_diffusers_sdpa_processor(make, monkeypatch):
     vae = make()
+    monkeypatch.setattr(module, "uses_chunked_kernel", lambda q, k, v: True)  # the chunked kernel, on any machine
+    runs = []
+    monkeypatch.setattr(module, "chunked_attention", lambda *a, **kw: runs.append(1) or chunked_attention(*a, **kw))
     image = torch.rand(1, 3, 48, 40, generator=torch.Generator().manual_seed(1)) * 2 - 1
     with torch.no_grad():
         for layer in attention_layers(vae):
             layer.set_processor(AttnProcessor2_0())
         reference_latent = encode(vae, image)
         reference = vae.decode(reference_latent).sample
-        use_chunked_attention(vae, query_block=50, always_chunked=True)  # blocks of the 24x20 latent's 480 tokens
-        assert all(isinstance(layer.processor, ChunkedVAEAttnProcessor) for layer in attention_layers(vae))
+        use_vae_attention(vae, query_block=50)  # several blocks of the 24x20 latent's 480 tokens
+        assert all(isinstance(layer.processor, VAEAttnProcessor) for layer in attention_layers(vae))
         latent = encode(vae, image)
         decoded = vae.decode(latent).sample
+    assert len(runs) == 2  # encoder and decoder mid-blocks
     assert (latent - reference_latent).abs().max() <= 1e-5
     assert (decoded - reference).abs().max() <= 1e-5
 
 
 def test_prepare_for_inference_installs_it_on_the_vae(osediff_pipe_fused):
-    assert all(
-        isinstance(layer.processor, ChunkedVAEAttnProcessor) for layer in attention_layers(osediff_pipe_fused.vae)
-    )
+    assert all(isinstance(layer.processor, VAEAttnProcessor) for layer in attention_layers(osediff_pipe_fused.vae))
     assert attention_layers(osediff_pipe_fused.vae)
 
 
@@ -166,5 +168,5 @@ def test_cross_attention_and_masks_go_to_diffusers_processor():
     x, context = torch.randn(1, 10, 32), torch.randn(1, 7, 24)
     with torch.no_grad():
         reference = layer(x, encoder_hidden_states=context)
-        layer.set_processor(ChunkedVAEAttnProcessor())
+        layer.set_processor(VAEAttnProcessor())
         assert torch.equal(layer(x, encoder_hidden_states=context), reference)

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from diffusers import DiffusionPipeline
 
-from ..models.vae_attention import use_chunked_attention
+from ..models.vae_attention import use_vae_attention
 from ..options import DEVICE_NAMES, DTYPE_NAMES, DTYPES
 from .bases import quiet_diffusers
 
@@ -53,7 +53,7 @@ def cpu_has_fast_bf16() -> bool:
 
 
 def prepare_for_inference(pipe: DiffusionPipeline, device: torch.device, dtype: torch.dtype) -> DiffusionPipeline:
-    """Eval mode, device, dtype, channels-last convolution weights and the VAE's chunked attention."""
+    """Eval mode, device, dtype, channels-last convolution weights and the VAE's attention kernel choice."""
     for module in pipe.components.values():
         if isinstance(module, torch.nn.Module):
             module.eval()
@@ -65,7 +65,7 @@ def prepare_for_inference(pipe: DiffusionPipeline, device: torch.device, dtype: 
         if module is not None:
             to_channels_last_in_place(module)
     if isinstance(getattr(pipe, "vae", None), torch.nn.Module):
-        use_chunked_attention(pipe.vae)  # the mid-block attention as chunked matrix products on the CPU
+        use_vae_attention(pipe.vae)  # SDPA or chunked matrix products, whichever is measured faster here
     return pipe
 
 
@@ -84,8 +84,7 @@ def to_channels_last_in_place(module: torch.nn.Module) -> None:
                     tensor.data = data.contiguous(memory_format=torch.channels_last)
                     continue
                 if scratch is None or scratch.numel() < data.numel() or scratch.dtype != data.dtype:
-                    scratch = torch.empty(max(data.numel(), 0 if scratch is None else scratch.numel()),
-                                          dtype=data.dtype, device=data.device)  # fmt: skip
+                    scratch = torch.empty(data.numel(), dtype=data.dtype, device=data.device)
                 saved = scratch[: data.numel()].view(data.shape)
                 saved.copy_(data)
                 _, c, h, w = data.shape

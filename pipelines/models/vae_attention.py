@@ -56,7 +56,7 @@ def chunked_attention(
             weights.sub_(weights.amax(dim=-1, keepdim=True)).exp_()
             total = weights.sum(dim=-1, keepdim=True, dtype=torch.float32)
             mixed = torch.mm(weights, values)
-            out[item, start:stop] = mixed.float().div_(total) if mixed.dtype != torch.float32 else mixed.div_(total)
+            out[item, start:stop] = mixed.float().div_(total)  # (.float() is the tensor itself in fp32)
     return out.reshape(*lead, queries, v.shape[-1])
 
 
@@ -88,17 +88,15 @@ def vae_attention(
     return F.scaled_dot_product_attention(q, k, v, scale=scale)
 
 
-class ChunkedVAEAttnProcessor:
+class VAEAttnProcessor:
     """A diffusers attention processor for the autoencoders' mid-block self-attention (group norm, one or more
-    heads, residual, output rescale), computed with `vae_attention` (`always_chunked`: `chunked_attention` under
-    no_grad, whatever the machine). Anything else (cross-attention, masks, spatial or q/k norms) is handed to
-    diffusers' own SDPA processor unchanged."""
+    heads, residual, output rescale), computed with `vae_attention`. Anything else (cross-attention, masks, spatial
+    or q/k norms) is handed to diffusers' own SDPA processor unchanged."""
 
-    def __init__(self, query_block: int | None = None, always_chunked: bool = False):
+    def __init__(self, query_block: int | None = None):
         from diffusers.models.attention_processor import AttnProcessor2_0
 
         self.query_block = query_block
-        self.always_chunked = always_chunked
         self.fallback = AttnProcessor2_0()
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
@@ -123,10 +121,7 @@ class ChunkedVAEAttnProcessor:
         batch, tokens, inner = q.shape
         head_dim = inner // attn.heads
         q, k, v = (t.view(batch, -1, attn.heads, head_dim).transpose(1, 2) for t in (q, k, v))
-        if self.always_chunked and not torch.is_grad_enabled():
-            mixed = chunked_attention(q, k, v, scale=attn.scale, query_block=self.query_block)
-        else:
-            mixed = vae_attention(q, k, v, scale=attn.scale, query_block=self.query_block)
+        mixed = vae_attention(q, k, v, scale=attn.scale, query_block=self.query_block)
         hidden_states = attn.to_out[1](attn.to_out[0](mixed.transpose(1, 2).reshape(batch, tokens, inner)))
         if spatial:
             hidden_states = hidden_states.transpose(1, 2).reshape(n, channels, height, width)
@@ -135,12 +130,12 @@ class ChunkedVAEAttnProcessor:
         return hidden_states / attn.rescale_output_factor
 
 
-def use_chunked_attention(vae: torch.nn.Module, query_block: int | None = None, always_chunked: bool = False) -> None:
-    """Route every attention layer of an autoencoder through `ChunkedVAEAttnProcessor` (a no-op for a model
-    without diffusers attention layers)."""
+def use_vae_attention(vae: torch.nn.Module, query_block: int | None = None) -> None:
+    """Route every attention layer of an autoencoder through `VAEAttnProcessor` (a no-op for a model without
+    diffusers attention layers)."""
     from diffusers.models.attention_processor import Attention
 
-    processor = ChunkedVAEAttnProcessor(query_block, always_chunked)
+    processor = VAEAttnProcessor(query_block)
     for module in vae.modules():
         if isinstance(module, Attention):
             module.set_processor(processor)

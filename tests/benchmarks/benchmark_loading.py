@@ -18,25 +18,14 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
 
+from benchmark_tiling import peak_rss_gib, status_gib  # (this folder is on sys.path when the script runs)
+from benchmark_training import reset_peak_rss, row_in_subprocess
+
 GIB = 2**30
-
-
-def rss_gib(field: str = "VmRSS") -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 2**20
-    return float("nan")
-
-
-def reset_peak_rss() -> None:
-    with open("/proc/self/clear_refs", "w") as f:  # "5" resets VmHWM to the current RSS (Linux)
-        f.write("5")
 
 
 def write_files(folder: Path) -> dict[str, Path]:
@@ -103,7 +92,7 @@ def load_row(family: str, config: str, folder: Path) -> dict:
         import diffusers  # noqa: F401  (imports paid before the clock starts, as for the other rows)
         from diffusers import AutoencoderKL, UNet2DConditionModel
         from transformers import CLIPTextModel
-    before = rss_gib()
+    before = status_gib("VmRSS")
     reset_peak_rss()
     start = time.perf_counter()
     if config == "reference" and family == "osediff":
@@ -131,7 +120,7 @@ def load_row(family: str, config: str, folder: Path) -> dict:
         modules = [m for m in pipe.components.values() if isinstance(m, torch.nn.Module)]
     seconds = time.perf_counter() - start
     weights = weights_gib(modules)
-    peak, after = rss_gib("VmHWM"), rss_gib()
+    peak, after = peak_rss_gib(), status_gib("VmRSS")
     return {
         "family": family,
         "config": config,
@@ -153,22 +142,18 @@ def main() -> int:
     parser.add_argument("--configs", default="reference,fp32,default")
     parser.add_argument("--repeats", type=int, default=2, help="each row this many times, interleaved")
     parser.add_argument("--out", type=Path, default=Path("bench_out"))
-    parser.add_argument("--_row", nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument("--_row", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args._row:
-        print(json.dumps(load_row(args._row[0], args._row[1], args.dir)))
+        print(json.dumps(load_row(args._row[0], args._row[1], Path(args._row[2]))))
         return 0
     write_files(args.dir)  # once, before any timing
     rows = []
     for _ in range(args.repeats):
         for family in [f for f in args.families.split(",") if f]:
             for config in [c for c in args.configs.split(",") if c]:
-                command = [sys.executable, __file__, "--dir", str(args.dir), "--_row", family, config]
-                proc = subprocess.run(command, capture_output=True, text=True)
-                if proc.returncode:
-                    row = {"family": family, "config": config, "error": (proc.stderr.strip() or "killed")[-300:]}
-                else:
-                    row = json.loads(proc.stdout.strip().splitlines()[-1])
+                row = row_in_subprocess(__file__, family, config, str(args.dir))
+                row = row or {"family": family, "config": config, "error": "failed (its error is printed above)"}
                 rows.append(row)
                 print(json.dumps(row), file=sys.stderr, flush=True)
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"

@@ -32,9 +32,14 @@ SIZES = {"512": 128, "1024": 256, "2048": 512}  # output side -> LQ side at 4x
 
 
 def peak_rss_gib() -> float:
+    return status_gib("VmHWM")
+
+
+def status_gib(field: str) -> float:
+    """A memory line of /proc/self/status (VmHWM: peak resident, VmRSS: resident now), in GiB."""
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmHWM:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 2**20
     return float("nan")
 
