@@ -121,3 +121,116 @@ def test_lora_fusion_in_row_blocks_equals_one_float64_product(shape, channels_la
     assert torch.equal(layer.weight.detach(), expected)
     layout = torch.channels_last if channels_last and len(shape) == 4 else torch.contiguous_format
     assert layer.weight.is_contiguous(memory_format=layout)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "transposed", "expanded"])
+def test_the_finiteness_check_agrees_with_isfinite(dtype, layout, monkeypatch):
+    """The load-time check (a sum in the weight's own dtype, then an exact check a chunk at a time) against
+    torch.isfinite on every value: NaN or Inf anywhere, in any memory order, and fp16 weights whose finite total
+    overflows fp16 (the sum alone would call them corrupted)."""
+    from onestep_sr.pipelines.loading import validation
+
+    monkeypatch.setattr(validation, "FINITE_CHECK_CHUNK", 1000)  # several chunks, the last one short
+    generator = torch.Generator().manual_seed(0)
+    base = torch.randn(6, 5, 9, 11, generator=generator, dtype=torch.float64)
+
+    def arranged(values: torch.Tensor) -> torch.Tensor:
+        values = values.to(dtype)
+        if layout == "channels_last":
+            return values.contiguous(memory_format=torch.channels_last)
+        if layout == "transposed":
+            return values.transpose(1, 3)
+        if layout == "expanded":
+            return values[:1].expand(40, -1, -1, -1)
+        return values
+
+    cases = [base, base.abs() * 0 + 6.0e4]  # the second sums past fp16's 65504, every value finite
+    for position in (0, 137, 2969):  # first chunk, inside, last (short) chunk
+        for bad in (float("nan"), float("inf"), float("-inf")):
+            broken = base.clone()
+            broken.view(-1)[position if layout != "expanded" else position % 495] = bad
+            cases.append(broken)
+    for values in cases:
+        tensor = arranged(values)
+        assert validation.all_finite(tensor) == bool(torch.isfinite(tensor).all())
+    assert validation.all_finite(arranged(base)[:0])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_channels_last_in_place_a_few_rows_at_a_time(dtype, monkeypatch):
+    """The conversion through a small scratch buffer (uneven blocks of output channels) gives the values and the
+    layout of `.contiguous(memory_format=channels_last)`, inside each weight's own storage."""
+    from onestep_sr.pipelines.loading import devices
+
+    monkeypatch.setattr(devices, "CHANNELS_LAST_BLOCK_BYTES", 3 * 40 * 9 * 4)  # 3 rows (fp32), 6 (bf16) of 96
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(40, 96, 3), torch.nn.Conv2d(96, 7, 1), torch.nn.Linear(4, 5)).to(dtype)
+    expected = {
+        k: v.contiguous(memory_format=torch.channels_last if v.ndim == 4 else torch.contiguous_format)
+        for k, v in model.state_dict().items()
+    }
+    storages = {k: v.untyped_storage().data_ptr() for k, v in model.state_dict().items()}
+    devices.to_channels_last_in_place(model)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, expected[key]) and value.stride() == expected[key].stride(), key
+        assert value.untyped_storage().data_ptr() == storages[key], key
+
+
+def resident_kib_of(path: Path) -> int:
+    """Resident kB of this process's mappings of `path` (/proc/self/smaps)."""
+    target, total, inside = str(path.resolve()), 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        fields = line.split(maxsplit=5)
+        if fields and "-" in fields[0] and len(fields) >= 5:  # a mapping's header line
+            inside = len(fields) == 6 and fields[5] == target
+        elif inside and fields[0] == "Rss:":
+            total += int(fields[1])
+    return total
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="reads /proc/self/smaps (Linux)")
+def test_read_pickles_leave_no_file_pages_resident(tmp_path):
+    """`read_weights` memory-maps a .pth and reads every value (the checks); the pages it read go back as it goes,
+    the values stay what the file holds when read again, and a tensor outside the mapping is never touched."""
+    from onestep_sr.pipelines.loading.files import MappedPages, read_weights
+
+    generator = torch.Generator().manual_seed(0)
+    saved = {f"w{i}": torch.randn(257, 1031, generator=generator) for i in range(8)}  # 8 MiB, unaligned records
+    path = tmp_path / "weights.pth"
+    torch.save(saved, path)
+    state = read_weights(path)
+    mib = 2**10
+    assert resident_kib_of(path) < mib  # 8 MiB read, < 1 MiB (the records' edge pages) resident
+    assert all(torch.equal(state[k], v) for k, v in saved.items())  # faulted in again, unchanged
+    assert resident_kib_of(path) > 7 * mib
+    pages = MappedPages(path)
+    for value in state.values():
+        pages.release(value)
+    assert resident_kib_of(path) < mib
+    private = saved["w0"].clone()
+    pages.release(private)  # not inside the file's mapping: untouched (DONTNEED on private memory would zero it)
+    assert torch.equal(private, saved["w0"])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_resshift_family_loads_one_copy_in_the_target_dtype(dtype):
+    """The UNet and the VQGAN built without storage and given private copies in the target dtype: the same values
+    as the official float32 state cast once, buffers included, and nothing left in the .pth mappings."""
+    from onestep_sr.pipelines.loading.bases import vq_state_from_ldm
+
+    from helpers import TADSR_PARITY
+
+    vq_path, unet_path = (TADSR_PARITY / "models" / n for n in ("autoencoder_vq_f4_tiny_A.pth", "tadsr_tiny_A.pth"))
+    pipe = load_pipeline(vq_path, unet_path, dtype=dtype)
+    official = torch.load(unet_path, weights_only=True)
+    vq_official = vq_state_from_ldm(torch.load(vq_path, weights_only=True), len(pipe.vae.config.block_out_channels))
+    for module, state in ((pipe.unet, official), (pipe.vae, vq_official)):
+        mine = module.state_dict()
+        weights = {k: v for k, v in state.items() if k in mine and not k.endswith("relative_position_index")}
+        assert len(weights) == len(list(module.parameters()))
+        assert all(mine[k].dtype == dtype and torch.equal(mine[k], v.to(dtype)) for k, v in weights.items())
+        assert all(b.dtype == dtype for b in module.buffers() if b.is_floating_point())
+    mapped = file_mappings(".pth")
+    tensors = [t for m in (pipe.unet, pipe.vae) for t in (*m.parameters(), *m.buffers())]
+    assert not [t.shape for t in tensors if any(low <= t.data_ptr() < high for low, high in mapped)]

@@ -11,8 +11,9 @@ from typing import Any
 import torch
 
 from ..options import SINGLE_FILE_SUFFIXES
-from .files import CheckpointError, read_weight_keys
-from .validation import build_from_state, fit_state, load_component
+from .files import CheckpointError, MappedPages, read_weight_keys
+from .lean import build_with_weights
+from .validation import load_component
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 SD21_BASE_CONFIG = CONFIG_DIR / "sd21-base"
@@ -264,16 +265,8 @@ def load_vq_f4(path: str | os.PathLike, dtype: torch.dtype = torch.float32):
             "autoencoder_vq_f4.pth as its base"
         )
     config = vq_config_from_ldm(state, path)
-    with torch.device("meta"):
-        probe = build_from_state(lambda: VQModel(**config), path, "VQGAN")
-    expected = set(probe.state_dict())
     converted = vq_state_from_ldm(state, len(config["block_out_channels"]))
-    missing, unexpected = sorted(expected - converted.keys()), sorted(converted.keys() - expected)
-    if missing or unexpected:
-        raise CheckpointError(f"{path}: VQGAN keys do not fit: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    vae = VQModel(**config)
-    fit_state(vae, converted, path, "VQGAN weights")
-    return vae.to(dtype)
+    return build_with_weights(lambda: VQModel(**config), converted, dtype, path, "VQGAN", MappedPages(path))
 
 
 def _strip_wrappers(key: str) -> str:

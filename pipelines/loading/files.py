@@ -4,6 +4,8 @@
 
 from __future__ import annotations
 
+import functools
+import mmap
 import os
 import pickle
 import zipfile
@@ -19,10 +21,10 @@ class CheckpointError(ValueError):
     """A weight file that is missing, unreadable, of an unknown format, or does not fit the base model."""
 
 
-def check_tensors(state: Any, source: Any) -> None:
+def check_tensors(state: Any, source: Any, after_each: Any = None) -> None:
     from .validation import check_tensors as check
 
-    check(state, source)
+    check(state, source, after_each=after_each)
 
 
 def read_weights(path: str | os.PathLike, allow_tensor: bool = False) -> Any:
@@ -55,7 +57,7 @@ def read_weights(path: str | os.PathLike, allow_tensor: bool = False) -> Any:
             raise CheckpointError(f"{path}: could not be read (truncated or corrupted?): {err}") from err
         if not isinstance(state, dict) and not (allow_tensor and isinstance(state, torch.Tensor)):
             raise CheckpointError(f"{path}: expected a dict of weights, found a {type(state).__name__}")
-        check_tensors(state, path)
+        check_tensors(state, path, after_each=MappedPages(path).release)  # (the check reads every page)
         return state
     raise CheckpointError(f"{path}: unknown file type {suffix!r}; expected one of {WEIGHT_SUFFIXES}")
 
@@ -75,6 +77,60 @@ def read_weight_keys(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
     if isinstance(state.get("state_dict"), dict):  # LDM .ckpt files nest the weights
         state = state["state_dict"]
     return {k: tuple(v.shape) for k, v in state.items() if isinstance(v, torch.Tensor)}
+
+
+class MappedPages:
+    """Where `path` is memory-mapped privately in this process (Linux: /proc/self/maps), to drop the pages behind a
+    tensor read from that mapping out of the resident set once its values have been read or copied out.
+
+    `torch.load(mmap=True)` keeps every page it has read resident until the file's last tensor is freed: a ResShift
+    load held the whole file beside the model built from it (peak 2.0x the weights in fp32, 3.4x in bf16).
+    madvise(MADV_DONTNEED) on a private file mapping whose pages were only read gives them back; the page cache
+    keeps them, and a later read of the tensor faults them in again from the file, unchanged. Only whole pages inside
+    one of this file's mappings are released; elsewhere (no /proc, no madvise) this does nothing."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.spans = _private_mappings_of(Path(path))
+
+    def release(self, tensor: torch.Tensor) -> None:
+        if not self.spans or tensor.device.type != "cpu":
+            return
+        storage = tensor.untyped_storage()
+        start, end = storage.data_ptr(), storage.data_ptr() + storage.nbytes()
+        if not any(low <= start and end <= high for low, high in self.spans):
+            return
+        first = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE  # whole pages only: neighbours may share the edges
+        last = end // mmap.PAGESIZE * mmap.PAGESIZE
+        madvise = _madvise()
+        if last > first and madvise is not None:
+            madvise(first, last - first, mmap.MADV_DONTNEED)
+
+
+def _private_mappings_of(path: Path) -> list[tuple[int, int]]:
+    maps = Path("/proc/self/maps")
+    if not maps.is_file() or not hasattr(mmap, "MADV_DONTNEED"):
+        return []
+    target = os.path.realpath(path)
+    spans = []
+    for line in maps.read_text(errors="replace").splitlines():
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and fields[5] == target and fields[1].endswith("p"):
+            low, high = (int(x, 16) for x in fields[0].split("-"))
+            spans.append((low, high))
+    return spans
+
+
+@functools.cache
+def _madvise():
+    import ctypes
+
+    try:
+        madvise = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return None
+    madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    madvise.restype = ctypes.c_int
+    return madvise
 
 
 def _is_zip(path: Path) -> bool:

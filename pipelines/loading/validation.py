@@ -56,16 +56,19 @@ PICKLE_COMPONENT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 # ---------------------------------------------------------------------------- tensors
 
 
-def check_tensors(state: Any, source: Any, prefix: str = "") -> None:
-    """Every tensor in a (nested) state: floating point of a supported dtype, and finite."""
+def check_tensors(state: Any, source: Any, prefix: str = "", after_each: Any = None) -> None:
+    """Every tensor in a (nested) state: floating point of a supported dtype, and finite. `after_each(tensor)` runs
+    once a tensor has passed (e.g. to drop its memory-mapped pages from the resident set)."""
     if isinstance(state, torch.Tensor):
         check_tensor(prefix or "<tensor>", state, source)
+        if after_each is not None:
+            after_each(state)
     elif isinstance(state, Mapping):
         for key, value in state.items():
-            check_tensors(value, source, f"{prefix}.{key}" if prefix else str(key))
+            check_tensors(value, source, f"{prefix}.{key}" if prefix else str(key), after_each)
     elif isinstance(state, (list, tuple)):
         for i, value in enumerate(state):
-            check_tensors(value, source, f"{prefix}[{i}]")
+            check_tensors(value, source, f"{prefix}[{i}]", after_each)
 
 
 def check_storage(key: str, tensor: torch.Tensor, source: Any) -> None:
@@ -106,13 +109,31 @@ def check_tensor(key: str, tensor: torch.Tensor, source: Any) -> None:
         )
 
 
+FINITE_CHECK_CHUNK = 2**22  # values per exact check: a 4 MiB mask at a time
+
+
 def all_finite(tensor: torch.Tensor) -> bool:
-    """No NaN/Inf. Fast path: a finite float32 sum proves it (NaN and Inf propagate through a sum) in one pass with
-    no allocation, 5x cheaper than isfinite().all(); only a non-finite sum (possibly overflow) checks exactly."""
+    """No NaN/Inf. Fast path: a finite sum proves it (NaN and Inf propagate through a sum) in one pass with no
+    allocation, 5x cheaper than isfinite().all(). The sum stays in the tensor's own dtype (reductions accumulate in
+    float32 inside): asking for a float32 result instead cost 9x the time on bf16 weights and, measured at the end
+    of a bf16 SD2.1 load, a float32 copy of the largest weight (+0.19 GiB). Only a non-finite sum (NaN/Inf, or an
+    fp16 total past 65504) is checked exactly, a chunk at a time."""
     if not tensor.numel():
         return True
-    total = tensor.sum(dtype=torch.float64 if tensor.dtype == torch.float64 else torch.float32)
-    return bool(torch.isfinite(total)) or bool(torch.isfinite(tensor).all())
+    flat = memory_order_flat(tensor)
+    if bool(torch.isfinite(flat.sum())):
+        return True
+    if flat.ndim != 1:
+        return bool(torch.isfinite(flat).all())
+    return all(bool(torch.isfinite(chunk).all()) for chunk in flat.split(FINITE_CHECK_CHUNK))
+
+
+def memory_order_flat(tensor: torch.Tensor) -> torch.Tensor:
+    """A dense tensor's values as one flat view in memory order (channels-last weights included), so reductions
+    over it read memory straight through; a tensor that no view flattens is returned as it is."""
+    order = sorted(range(tensor.ndim), key=lambda d: tensor.stride(d), reverse=True)
+    permuted = tensor.permute(order)
+    return permuted.view(-1) if permuted.is_contiguous() else tensor
 
 
 def check_module_weights(module: torch.nn.Module, source: Any) -> None:
@@ -518,10 +539,13 @@ def _is_model_class(cls: type) -> bool:
     return issubclass(cls, (ModelMixin, PreTrainedModel))
 
 
-def fit_state(model: torch.nn.Module, state: Mapping[str, torch.Tensor], source: Any, what: str = "weights") -> None:
-    """model.load_state_dict(state) where every key must fit exactly (names and shapes), as a CheckpointError."""
+def fit_state(
+    model: torch.nn.Module, state: Mapping[str, torch.Tensor], source: Any, what: str = "weights", assign: bool = False
+) -> None:
+    """model.load_state_dict(state) where every key must fit exactly (names and shapes), as a CheckpointError;
+    assign=True takes the state's tensors themselves (a model built without storage)."""
     try:
-        result = model.load_state_dict(dict(state), strict=False)
+        result = model.load_state_dict(dict(state), strict=False, assign=assign)
     except RuntimeError as err:  # size mismatches
         first = str(err).strip().splitlines()[1:2] or [str(err)]
         raise CheckpointError(f"{source}: the {what} do not fit their model: {first[0].strip()}") from err

@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 
 from ..loading.bases import _strip_wrappers, load_vq_f4
-from ..loading.files import CheckpointError, WeightsProbe
-from ..loading.validation import build_from_state, fit_state
+from ..loading.files import CheckpointError, MappedPages, WeightsProbe
+from ..loading.lean import build_with_weights
 from ..models.resshift_unet import ResShiftUNet, resshift_unet_config
 from ..options import TileDefaults
 from ..pipeline_onestep_sr_resshift import OneStepSRResShiftPipeline
@@ -74,18 +74,18 @@ def load_resshift_unet(state: dict, path: str | os.PathLike, dtype: torch.dtype)
         config = resshift_unet_config(state)
     except (KeyError, ValueError, IndexError) as err:
         raise CheckpointError(f"{path}: not a ResShift-family UNet (missing or malformed {err})") from err
-    unet = build_from_state(lambda: ResShiftUNet(**config), path, "UNet")
     buffers = {k: v for k, v in state.items() if k.endswith(RECOMPUTED_BUFFERS)}
-    fit_state(unet, {k: v for k, v in state.items() if k not in buffers}, path, "UNet weights")
+    weights = {k: v for k, v in state.items() if k not in buffers}
+    unet = build_with_weights(lambda: ResShiftUNet(**config), weights, dtype, path, "UNet", MappedPages(path))
     ours = dict(unet.named_buffers())
     for name, stored in buffers.items():  # accepted and checked, not required
         mine = ours.get(name)
-        if mine is None or mine.shape != stored.shape or not torch.equal(mine.to(stored.dtype), stored):
+        if mine is None or mine.shape != stored.shape or not torch.equal(mine, stored.to(mine.dtype)):
             raise CheckpointError(
                 f"{path}: the stored Swin buffer {name} does not match the one this UNet builds (training size "
                 f"{config['image_size']}, window {config['window_size']}); wrong or edited checkpoint?"
             )
-    return unet.to(dtype)
+    return unet
 
 
 def _builder(method_id: str):
