@@ -190,23 +190,24 @@ def resident_kib_of(path: Path) -> int:
 
 
 @pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="reads /proc/self/smaps (Linux)")
-def test_read_pickles_leave_no_file_pages_resident(tmp_path):
-    """`read_weights` memory-maps a .pth and reads every value (the checks); the pages it read go back as it goes,
-    the values stay what the file holds when read again, and a tensor outside the mapping is never touched."""
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_read_weight_files_leave_no_file_pages_resident(tmp_path, suffix):
+    """`read_weights` memory-maps a .pth (torch.load) or .safetensors file and reads every value (the checks); the
+    pages it read go back as it goes, the values stay what the file holds when read again, and a tensor outside the
+    mapping is never touched."""
     from onestep_sr.pipelines.loading.files import MappedPages, read_weights
 
     generator = torch.Generator().manual_seed(0)
     saved = {f"w{i}": torch.randn(257, 1031, generator=generator) for i in range(8)}  # 8 MiB, unaligned records
-    path = tmp_path / "weights.pth"
-    torch.save(saved, path)
+    path = tmp_path / f"weights{suffix}"
+    torch.save(saved, path) if suffix == ".pth" else save_file(saved, str(path))
     state = read_weights(path)
     mib = 2**10
     assert resident_kib_of(path) < mib  # 8 MiB read, < 1 MiB (the records' edge pages) resident
     assert all(torch.equal(state[k], v) for k, v in saved.items())  # faulted in again, unchanged
     assert resident_kib_of(path) > 7 * mib
     pages = MappedPages(path)
-    for value in state.values():
-        pages.release(value)
+    pages.release_all(state)
     assert resident_kib_of(path) < mib
     private = saved["w0"].clone()
     pages.release(private)  # not inside the file's mapping: untouched (DONTNEED on private memory would zero it)

@@ -150,12 +150,32 @@ def test_resolve_dtype(monkeypatch, fast_bf16, expected):
         resolve_dtype("fp8", cpu)
 
 
-def test_cpu_bf16_detection_reads_the_cpu_flags(monkeypatch):
-    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
-    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True, raising=False)
-    assert devices.cpu_has_fast_bf16()
-    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)
-    assert not devices.cpu_has_fast_bf16()
+@pytest.mark.parametrize("cpuinfo, amx, avx512_bf16, fast", [
+    ("vendor_id\t: AuthenticAMD\n", False, True, True),
+    ("vendor_id\t: GenuineIntel\n", False, True, False),
+    ("vendor_id\t: GenuineIntel\n", True, True, True),
+    ("vendor_id\t: AuthenticAMD\n", False, False, False),
+])  # fmt: skip
+def test_fast_bf16_is_amx_or_amd_with_avx512_bf16(cpuinfo, amx, avx512_bf16, fast, monkeypatch, tmp_path):
+    """The rule behind dtype="auto" on the CPU and the VAE attention kernel: the AVX512-BF16 flag alone is not
+    enough (an Intel CPU without AMX runs bf16 slower than fp32: measured, see pipelines/cpu.py)."""
+    import builtins
+
+    from onestep_sr.pipelines import cpu
+
+    info = tmp_path / "cpuinfo"
+    info.write_text(cpuinfo)
+    real_open = builtins.open
+    monkeypatch.setattr(
+        builtins, "open", lambda path, *a, **kw: real_open(info if path == "/proc/cpuinfo" else path, *a, **kw)
+    )
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
+    cpu.cpu_has_fast_bf16.cache_clear()
+    try:
+        assert cpu.cpu_has_fast_bf16() == fast
+    finally:
+        cpu.cpu_has_fast_bf16.cache_clear()
 
 
 def test_unknown_device_and_missing_cuda_are_clear_errors(monkeypatch):

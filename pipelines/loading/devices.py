@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from diffusers import DiffusionPipeline
 
+from ..cpu import cpu_has_fast_bf16
 from ..models.vae_attention import use_vae_attention
 from ..options import DEVICE_NAMES, DTYPE_NAMES, DTYPES
 from .bases import quiet_diffusers
@@ -30,8 +31,8 @@ def resolve_device(device: Any) -> torch.device:
 
 
 def resolve_dtype(dtype: Any, device: torch.device) -> torch.dtype:
-    """None -> fp32; "auto" -> bf16 where it runs fast (CUDA with bf16, CPUs with AMX/AVX512-BF16), else fp16
-    on CUDA, else fp32; "fp32"/"bf16"/"fp16" or a torch dtype as given."""
+    """None -> fp32; "auto" -> bf16 where it runs fast (CUDA with bf16; CPUs with AMX, or AMD with AVX512-BF16: see
+    `cpu_has_fast_bf16`), else fp16 on CUDA, else fp32; "fp32"/"bf16"/"fp16" or a torch dtype as given."""
     if dtype is None:
         return torch.float32
     if isinstance(dtype, torch.dtype):
@@ -45,11 +46,6 @@ def resolve_dtype(dtype: Any, device: torch.device) -> torch.dtype:
     if dtype in DTYPES:
         return DTYPES[dtype]
     raise ValueError(f"dtype must be one of {DTYPE_NAMES} or a torch.dtype, got {dtype!r}")
-
-
-def cpu_has_fast_bf16() -> bool:
-    checks = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
-    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
 
 
 def prepare_for_inference(pipe: DiffusionPipeline, device: torch.device, dtype: torch.dtype) -> DiffusionPipeline:

@@ -43,7 +43,7 @@ def read_weights(path: str | os.PathLike, allow_tensor: bool = False) -> Any:
             state = dict(load_file(str(path)))
         except (SafetensorError, OSError, ValueError, RuntimeError) as err:
             raise CheckpointError(f"{path}: not a readable safetensors file (truncated or corrupted?): {err}") from err
-        check_tensors(state, path)
+        check_tensors(state, path, after_each=MappedPages(path).release)  # (safetensors maps the file too)
         return state
     if suffix in PICKLE_SUFFIXES:
         try:
@@ -80,17 +80,24 @@ def read_weight_keys(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
 
 
 class MappedPages:
-    """Where `path` is memory-mapped privately in this process (Linux: /proc/self/maps), to drop the pages behind a
-    tensor read from that mapping out of the resident set once its values have been read or copied out.
+    """Where `path` is memory-mapped in this process (Linux: /proc/self/maps), to drop the pages behind a tensor read
+    from that mapping out of the resident set once its values have been read or copied out.
 
-    `torch.load(mmap=True)` keeps every page it has read resident until the file's last tensor is freed: a ResShift
-    load held the whole file beside the model built from it (peak 2.0x the weights in fp32, 3.4x in bf16).
-    madvise(MADV_DONTNEED) on a private file mapping whose pages were only read gives them back; the page cache
-    keeps them, and a later read of the tensor faults them in again from the file, unchanged. Only whole pages inside
-    one of this file's mappings are released; elsewhere (no /proc, no madvise) this does nothing."""
+    `torch.load(mmap=True)` and safetensors keep every page read resident until the file's last tensor is freed: a
+    ResShift load held the whole file beside the model built from it (peak 2.0x the weights in fp32, 3.4x in bf16).
+    madvise(MADV_DONTNEED) on a file mapping whose pages were only read gives them back; the page cache keeps them,
+    and a later read of the tensor faults them in again from the file, unchanged (tensors read from weight files are
+    never written: a written page of a private mapping would be lost). Only whole pages inside one of this file's
+    mappings are released; elsewhere (no /proc, no madvise) this does nothing."""
 
     def __init__(self, path: str | os.PathLike):
-        self.spans = _private_mappings_of(Path(path))
+        self.spans = _mappings_of(Path(path))
+
+    def release_all(self, state: Any) -> None:
+        """`release` for every tensor of a flat dict (e.g. LoRA factors once fused)."""
+        for value in state.values():
+            if isinstance(value, torch.Tensor):
+                self.release(value)
 
     def release(self, tensor: torch.Tensor) -> None:
         if not self.spans or tensor.device.type != "cpu":
@@ -106,7 +113,7 @@ class MappedPages:
             madvise(first, last - first, mmap.MADV_DONTNEED)
 
 
-def _private_mappings_of(path: Path) -> list[tuple[int, int]]:
+def _mappings_of(path: Path) -> list[tuple[int, int]]:
     maps = Path("/proc/self/maps")
     if not maps.is_file() or not hasattr(mmap, "MADV_DONTNEED"):
         return []
@@ -114,7 +121,7 @@ def _private_mappings_of(path: Path) -> list[tuple[int, int]]:
     spans = []
     for line in maps.read_text(errors="replace").splitlines():
         fields = line.split(maxsplit=5)
-        if len(fields) == 6 and fields[5] == target and fields[1].endswith("p"):
+        if len(fields) == 6 and fields[5] == target:
             low, high = (int(x, 16) for x in fields[0].split("-"))
             spans.append((low, high))
     return spans

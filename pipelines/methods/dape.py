@@ -20,8 +20,9 @@ import torch
 
 from ..loading.bases import quiet_diffusers
 from ..loading.devices import resolve_device, resolve_dtype
-from ..loading.files import CheckpointError, read_weights
-from ..loading.validation import build_from_state, checkpoint_errors, fit_state, read_json
+from ..loading.files import CheckpointError, MappedPages, read_weights
+from ..loading.lean import build_with_weights
+from ..loading.validation import checkpoint_errors, read_json
 from ..models.ram_tagger import RAMTagger, tag_list_sha256
 from .registry import WeightFile
 
@@ -121,9 +122,8 @@ def build_tagger(state: dict[str, torch.Tensor], path: str | os.PathLike, **conf
         raise CheckpointError(
             f"{path}: the tagging head's width {dims['head_hidden']} is not divisible by {dims['head_heads']} heads"
         )
-    tagger = build_from_state(lambda: RAMTagger(**dims), path, "tagger")
-    fit_state(tagger, state, path, "tagger weights")
-    return tagger
+    # float32 first: the DAPE LoRA merges in float32, as upstream, and the cast comes after
+    return build_with_weights(lambda: RAMTagger(**dims), state, torch.float32, path, "tagger", MappedPages(path))
 
 
 def merge_dape_lora(tagger: RAMTagger, lora: dict[str, Any], path: str | os.PathLike) -> int:

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from ..loading.bases import load_sd3_base
-from ..loading.files import CheckpointError, WeightsProbe, read_weight_keys, read_weights
+from ..loading.files import CheckpointError, MappedPages, WeightsProbe, read_weight_keys, read_weights
 from ..loading.lora import LoRAWeights, apply_lora, collect_lora_factors
 from ..models.prompt_embedding import PromptEmbedding
 from ..options import TileDefaults
@@ -141,6 +141,7 @@ def build(base: str | os.PathLike, probe: WeightsProbe, options: BuildOptions) -
     for name, file in (("transformer", transformer_file), ("vae", vae_file)):
         lora = parse_tsdsr_lora(probe.state(file), file)
         apply_lora(components[name], lora, fuse=options.fuse_lora, adapter_name=ADAPTER, source=str(file))
+        MappedPages(file).release_all(probe.state(file))  # read (fused or copied into peft layers): 0.36 GB at rank 64
     _check_embeddings_fit(embeds, pooled, components["transformer"], embeddings or transformer_file.parent)
     # TSD-SR: t = 1000 (sigma 1), latents scaled by 1.5305 WITHOUT the shift factor, as it was trained
     return OneStepSRSD3Pipeline(

@@ -21,10 +21,10 @@ Which kernel runs (`vae_attention`) is measured, not assumed (`python tests/benc
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
+
+from ..cpu import cpu_has_fast_bf16
 
 SCORES_BUDGET = 128 * 2**20  # bytes of attention scores per block of queries
 MIN_QUERY_BLOCK = 64
@@ -60,23 +60,9 @@ def chunked_attention(
     return out.reshape(*lead, queries, v.shape[-1])
 
 
-@functools.cache
-def cpu_has_fast_bf16_matmul() -> bool:
-    """AMX, or an AMD CPU with AVX512-BF16 (Zen 4 and later): where bf16 matrix products beat the SDPA kernel."""
-    if getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)():
-        return True
-    if not getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)():
-        return False
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
-            return "AuthenticAMD" in f.read(4096)
-    except OSError:
-        return False
-
-
 def uses_chunked_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     recording = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    return not recording and q.device.type == "cpu" and q.dtype == torch.bfloat16 and cpu_has_fast_bf16_matmul()
+    return not recording and q.device.type == "cpu" and q.dtype == torch.bfloat16 and cpu_has_fast_bf16()
 
 
 def vae_attention(

@@ -1,15 +1,19 @@
-"""Load time and memory of `load_pipeline` on FULL-SIZE files (random weights), in fp32 and the default dtype.
+"""Load time and memory of `load_pipeline` on FULL-SIZE files (random weights), in fp32, bf16 and the default dtype.
 
-Not part of the test suite. One command (writes about 6 GB of weight files once, under --dir):
+Not part of the test suite. One command (writes about 10 GB of weight files once, under --dir):
 
     python tests/benchmarks/benchmark_loading.py          # table on stdout, JSON in bench_out/
 
 Families: OSEDiff (a full-size SD2.1-base diffusers folder: UNet, VAE, OpenCLIP-H text encoder; plus osediff.pkl
-with rank-4 LoRA, as released; D3SR loads the same way) and the ResShift family (TAD-SR / SinSR: the 118.6 M UNet
-.pth and ResShift's VQGAN-f4 .pth). Each row runs in its own process after the imports: load seconds, resident
-memory before the load, its peak during the load (VmHWM) and after it, and the loaded weights' own bytes. The
-`reference` rows read the same files the way the official scripts do (diffusers `from_pretrained` of the three
-components, or `torch.load` + `load_state_dict`), without LoRA fusion or any check: the time to beat.
+with rank-4 LoRA, as released; D3SR loads the same way), the ResShift family (TAD-SR / SinSR: the 118.6 M UNet .pth
+and ResShift's VQGAN-f4 .pth) and TSD-SR (a full-size SD3-medium folder, transformer and VAE in fp16 as released, no
+text encoder since TSD-SR uses fixed prompt embeddings; rank-64 LoRA on the official targets). Each row runs in its
+own process after the imports: load seconds, `ready` seconds (the load plus reading every weight once, as a first
+image must: a memory-mapped load pays its reads there), resident memory before the load, its peak during the load
+(VmHWM) and after it, the peak of private memory alone (RssAnon, sampled every millisecond: no file or library
+pages), and the loaded weights' own bytes. The `reference` rows read the same files the way the official scripts do
+(diffusers `from_pretrained` of the components, or `torch.load` + `load_state_dict`; the LoRA file read, not
+applied), without LoRA fusion or any check: the time to beat.
 """
 
 from __future__ import annotations
@@ -74,8 +78,94 @@ def write_files(folder: Path) -> dict[str, Path]:
     return files
 
 
+TSDSR_TARGETS = (
+    "to_k",
+    "to_q",
+    "to_v",
+    "to_out.0",
+    "add_q_proj",
+    "add_k_proj",
+    "add_v_proj",
+    "proj",
+    "linear",
+    "proj_out",
+)  # fmt: skip  (the official LoraConfig's target_modules, matched as peft matches them)
+
+
+def write_tsdsr_files(folder: Path) -> dict[str, Path]:
+    """A full-size SD3-medium folder (transformer and VAE in fp16, as released; TSD-SR needs no text encoder) and
+    TSD-SR weights: rank-64 LoRA on the official targets (transformer, VAE encoder) and the prompt embeddings."""
+    import torch
+
+    files = {"sd3": folder / "sd3-medium", "tsdsr": folder / "tsdsr"}
+    if all(p.exists() for p in files.values()):
+        return files
+    from accelerate import init_empty_weights
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+    from safetensors.torch import save_file
+
+    from onestep_sr.pipelines.loading import SD3_MEDIUM_CONFIG
+
+    torch.manual_seed(0)
+    base, rank = files["sd3"], 64
+    for name, cls in (("transformer", SD3Transformer2DModel), ("vae", AutoencoderKL)):
+        model = cls.from_config(cls.load_config(SD3_MEDIUM_CONFIG / name)).to(torch.float16)
+        model.save_pretrained(base / name)
+        del model
+    FlowMatchEulerDiscreteScheduler.from_pretrained(SD3_MEDIUM_CONFIG / "scheduler").save_pretrained(base / "scheduler")
+    (base / "model_index.json").write_text((SD3_MEDIUM_CONFIG / "model_index.json").read_text())
+    files["tsdsr"].mkdir(parents=True, exist_ok=True)
+    for name, cls in (("transformer", SD3Transformer2DModel), ("vae", AutoencoderKL)):
+        with init_empty_weights():
+            model = cls.from_config(cls.load_config(SD3_MEDIUM_CONFIG / name))
+        state = {}
+        for module_name, module in model.named_modules():
+            if name == "vae" and not module_name.startswith("encoder."):
+                continue
+            if not isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
+                continue
+            if name == "transformer" and not any(
+                module_name == t or module_name.endswith("." + t) for t in TSDSR_TARGETS
+            ):
+                continue
+            w = module.weight
+            a_shape = (rank, *w.shape[1:])
+            b_shape = (w.shape[0], rank) if w.ndim == 2 else (w.shape[0], rank, 1, 1)
+            state[f"transformer.{module_name}.lora_A.weight"] = torch.randn(a_shape) * 0.01
+            state[f"transformer.{module_name}.lora_B.weight"] = torch.randn(b_shape) * 0.01
+        save_file(state, str(files["tsdsr"] / f"{name}.safetensors"))
+    save_file(
+        {"prompt_embeds": torch.randn(333, 4096), "pool_embeds": torch.randn(2048)},
+        str(files["tsdsr"] / "embeddings.safetensors"),
+    )
+    return files
+
+
 def weights_gib(modules) -> float:
     return sum(t.numel() * t.element_size() for m in modules for t in [*m.parameters(), *m.buffers()]) / GIB
+
+
+class PeakSampler:
+    """The highest value of a /proc/self/status memory line, sampled every millisecond by a thread until stop().
+    For RssAnon (private memory): VmHWM also counts pages of files and shared libraries, e.g. the tens of MiB of
+    torch kernels a first bf16 load runs for the first time."""
+
+    def __init__(self, field: str):
+        import threading
+
+        self.field, self.peak, self.running = field, status_gib(field), True
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+
+    def _sample(self) -> None:
+        while self.running:
+            self.peak = max(self.peak, status_gib(self.field))
+            time.sleep(0.001)
+
+    def stop(self) -> float:
+        self.running = False
+        self.thread.join()
+        return max(self.peak, status_gib(self.field))
 
 
 def load_row(family: str, config: str, folder: Path) -> dict:
@@ -85,15 +175,16 @@ def load_row(family: str, config: str, folder: Path) -> dict:
     from onestep_sr.pipelines.loading import resolve_dtype
 
     torch.set_num_threads(os.cpu_count() or 1)
-    files = write_files(folder)
-    dtype = torch.float32 if config == "fp32" else resolve_dtype("auto", torch.device("cpu"))
+    files = write_tsdsr_files(folder) if family == "tsdsr" else write_files(folder)
+    named = {"reference": torch.float32, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    dtype = named[config] if config in named else resolve_dtype("auto", torch.device("cpu"))
     if config == "reference":
-        dtype = torch.float32
         import diffusers  # noqa: F401  (imports paid before the clock starts, as for the other rows)
         from diffusers import AutoencoderKL, UNet2DConditionModel
         from transformers import CLIPTextModel
-    before = status_gib("VmRSS")
+    before, private_before = status_gib("VmRSS"), status_gib("RssAnon")
     reset_peak_rss()
+    private_peak = PeakSampler("RssAnon")
     start = time.perf_counter()
     if config == "reference" and family == "osediff":
         base = files["sd21"]
@@ -103,6 +194,17 @@ def load_row(family: str, config: str, folder: Path) -> dict:
             CLIPTextModel.from_pretrained(base, subfolder="text_encoder"),
         ]
         torch.load(files["osediff"], weights_only=True)  # the LoRA, read (the official script then wraps it)
+    elif config == "reference" and family == "tsdsr":
+        from diffusers import SD3Transformer2DModel
+        from safetensors.torch import load_file
+
+        base = files["sd3"]
+        modules = [
+            SD3Transformer2DModel.from_pretrained(base, subfolder="transformer", torch_dtype=dtype),
+            AutoencoderKL.from_pretrained(base, subfolder="vae", torch_dtype=dtype),
+        ]
+        for name in ("transformer", "vae"):  # the LoRA, read (the official script then wraps it)
+            load_file(files["tsdsr"] / f"{name}.safetensors")
     elif config == "reference":
         from diffusers import VQModel
 
@@ -115,10 +217,19 @@ def load_row(family: str, config: str, folder: Path) -> dict:
         vq.load_state_dict(vq_state_from_ldm(torch.load(files["vq"], weights_only=True), 3), strict=False)
         modules = [unet, vq]
     else:
-        base, weights = (files["sd21"], files["osediff"]) if family == "osediff" else (files["vq"], files["tadsr"])
+        base, weights = {
+            "osediff": (files.get("sd21"), files.get("osediff")),
+            "resshift": (files.get("vq"), files.get("tadsr")),
+            "tsdsr": (files.get("sd3"), files.get("tsdsr")),
+        }[family]
         pipe = load_pipeline(base, weights, dtype=dtype)
         modules = [m for m in pipe.components.values() if isinstance(m, torch.nn.Module)]
     seconds = time.perf_counter() - start
+    for module in modules:  # every weight read once, as the first image must: a mapped file pays its reads here
+        for tensor in (*module.parameters(), *module.buffers()):
+            tensor.detach().sum()
+    ready = time.perf_counter() - start
+    private = private_peak.stop()
     weights = weights_gib(modules)
     peak, after = peak_rss_gib(), status_gib("VmRSS")
     return {
@@ -126,11 +237,13 @@ def load_row(family: str, config: str, folder: Path) -> dict:
         "config": config,
         "dtype": str(dtype).replace("torch.", ""),
         "load_s": round(seconds, 2),
+        "ready_s": round(ready, 2),
         "weights_gib": round(weights, 3),
         "before_gib": round(before, 2),
         "peak_gib": round(peak, 2),
         "after_gib": round(after, 2),
         "peak_over_weights": round((peak - before) / weights, 3),
+        "private_peak_over_weights": round((private - private_before) / weights, 3),
         "after_over_weights": round((after - before) / weights, 3),
     }
 
@@ -138,8 +251,14 @@ def load_row(family: str, config: str, folder: Path) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dir", type=Path, default=Path("bench_out/loading_files"), help="where the files go")
-    parser.add_argument("--families", default="osediff,resshift")
-    parser.add_argument("--configs", default="reference,fp32,default")
+    parser.add_argument(
+        "--families", default="osediff,resshift,tsdsr", help="tsdsr writes a 4 GB fp16 SD3-medium folder once"
+    )
+    parser.add_argument(
+        "--configs",
+        default="reference,fp32,bf16,default",
+        help="reference (the official scripts' way), fp32, bf16, fp16, default (dtype='auto': its pick on this CPU)",
+    )
     parser.add_argument("--repeats", type=int, default=2, help="each row this many times, interleaved")
     parser.add_argument("--out", type=Path, default=Path("bench_out"))
     parser.add_argument("--_row", nargs=3, help=argparse.SUPPRESS)
@@ -148,6 +267,8 @@ def main() -> int:
         print(json.dumps(load_row(args._row[0], args._row[1], Path(args._row[2]))))
         return 0
     write_files(args.dir)  # once, before any timing
+    if "tsdsr" in args.families.split(","):
+        write_tsdsr_files(args.dir)
     rows = []
     for _ in range(args.repeats):
         for family in [f for f in args.families.split(",") if f]:
@@ -158,15 +279,16 @@ def main() -> int:
                 print(json.dumps(row), file=sys.stderr, flush=True)
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"
     print(f"\nLoading, full-size files with random weights ({machine}); over-weights = (RSS - RSS before) / weights")
-    print(f"{'family':9} {'config':10} {'dtype':>9} {'load':>7} {'weights':>8} {'peak':>7} {'after':>7} "
-          f"{'peak/w':>7} {'after/w':>8}")  # fmt: skip
+    print(f"{'family':9} {'config':10} {'dtype':>9} {'load':>7} {'ready':>7} {'weights':>8} {'peak':>7} {'after':>7} "
+          f"{'peak/w':>7} {'private/w':>9} {'after/w':>8}")  # fmt: skip
     for r in rows:
         if "error" in r:
             print(f"{r['family']:9} {r['config']:10} failed: {r['error']}")
             continue
-        print(f"{r['family']:9} {r['config']:10} {r['dtype']:>9} {r['load_s']:>6.1f}s {r['weights_gib']:>7.2f}G "
+        print(f"{r['family']:9} {r['config']:10} {r['dtype']:>9} {r['load_s']:>6.1f}s {r['ready_s']:>6.1f}s "
+              f"{r['weights_gib']:>7.2f}G "
               f"{r['peak_gib']:>6.2f}G {r['after_gib']:>6.2f}G {r['peak_over_weights']:>7.2f} "
-              f"{r['after_over_weights']:>8.2f}")  # fmt: skip
+              f"{r['private_peak_over_weights']:>9.2f} {r['after_over_weights']:>8.2f}")  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "benchmark_loading.json").write_text(json.dumps({"machine": machine, "rows": rows}, indent=1))
     return 0
