@@ -207,7 +207,8 @@ def test_read_weight_files_leave_no_file_pages_resident(tmp_path, suffix):
     assert all(torch.equal(state[k], v) for k, v in saved.items())  # faulted in again, unchanged
     assert resident_kib_of(path) > 7 * mib
     pages = MappedPages(path)
-    pages.release_all(state)
+    for value in state.values():
+        pages.release(value)
     assert resident_kib_of(path) < mib
     private = saved["w0"].clone()
     pages.release(private)  # not inside the file's mapping: untouched (DONTNEED on private memory would zero it)

@@ -43,7 +43,7 @@ def read_weights(path: str | os.PathLike, allow_tensor: bool = False) -> Any:
             state = dict(load_file(str(path)))
         except (SafetensorError, OSError, ValueError, RuntimeError) as err:
             raise CheckpointError(f"{path}: not a readable safetensors file (truncated or corrupted?): {err}") from err
-        check_tensors(state, path, after_each=MappedPages(path).release)  # (safetensors maps the file too)
+        _check_releasing_pages(state, path)  # (safetensors maps the file too)
         return state
     if suffix in PICKLE_SUFFIXES:
         try:
@@ -57,9 +57,16 @@ def read_weights(path: str | os.PathLike, allow_tensor: bool = False) -> Any:
             raise CheckpointError(f"{path}: could not be read (truncated or corrupted?): {err}") from err
         if not isinstance(state, dict) and not (allow_tensor and isinstance(state, torch.Tensor)):
             raise CheckpointError(f"{path}: expected a dict of weights, found a {type(state).__name__}")
-        check_tensors(state, path, after_each=MappedPages(path).release)  # (the check reads every page)
+        _check_releasing_pages(state, path)
         return state
     raise CheckpointError(f"{path}: unknown file type {suffix!r}; expected one of {WEIGHT_SUFFIXES}")
+
+
+def _check_releasing_pages(state: Any, path: Path) -> None:
+    """check_tensors reads every value of a memory-mapped file: each tensor's pages go back once it has passed."""
+    pages = MappedPages(path)
+    check_tensors(state, path, after_each=pages.release)
+    pages.release_file()
 
 
 def read_weight_keys(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
@@ -91,13 +98,15 @@ class MappedPages:
     mappings are released; elsewhere (no /proc, no madvise) this does nothing."""
 
     def __init__(self, path: str | os.PathLike):
-        self.spans = _mappings_of(Path(path))
+        self.path = Path(path)
+        self.spans = _mappings_of(self.path)
 
-    def release_all(self, state: Any) -> None:
-        """`release` for every tensor of a flat dict (e.g. LoRA factors once fused)."""
-        for value in state.values():
-            if isinstance(value, torch.Tensor):
-                self.release(value)
+    def release_file(self) -> None:
+        """Every page of the file's current mappings, once all the tensors needed from it are read: the edge pages
+        `release` leaves and the tensors smaller than a page (thousands of norms and biases)."""
+        madvise = _madvise()
+        for low, high in _mappings_of(self.path) if madvise is not None else ():
+            madvise(low, high - low, mmap.MADV_DONTNEED)
 
     def release(self, tensor: torch.Tensor) -> None:
         if not self.spans or tensor.device.type != "cpu":

@@ -139,6 +139,8 @@ def build_with_weights(
         private[key] = copy.copy_(value)
         if pages is not None:
             pages.release(value)
+    if pages is not None:
+        pages.release_file()
     fit_state(model, private, source, f"{what} weights", assign=True)
     cast_float_buffers(model, dtype)
     return model

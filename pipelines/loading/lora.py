@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -39,20 +40,26 @@ def collect_lora_factors(
     return {m: (a_parts[m], b_parts[m]) for m in a_parts}
 
 
-def apply_lora(model: nn.Module, lora: LoRAWeights, *, fuse: bool, adapter_name: str, source: str) -> None:
+def apply_lora(
+    model: nn.Module, lora: LoRAWeights, *, fuse: bool, adapter_name: str, source: str, release: Any = None
+) -> None:
     """Add `lora` to `model`.
 
     fuse=True:  W <- W + scale * B @ A in place (plain modules afterwards: fast, saveable).
     fuse=False: peft LoRA layers with lora_alpha/r equal to the file's scale (unfusable, inspectable).
+    `release(tensor)` runs for each factor once it is fused or copied (e.g. `MappedPages.release`: a memory-mapped
+    LoRA file's pages then stay resident one layer at a time, not all of them to the end of the load).
     """
     if not lora.factors:
         return
     modules = dict(model.named_modules())
     for name, (a, b) in lora.factors.items():
         _check_factors(modules.get(name), name, a, b, source)
+    release = release or (lambda tensor: None)
     if fuse:
         for name, (a, b) in lora.factors.items():
             fuse_lora_delta(modules[name], a, b, lora.scale)
+            release(a), release(b)
         return
     from peft import LoraConfig
 
@@ -76,6 +83,7 @@ def apply_lora(model: nn.Module, lora: LoRAWeights, *, fuse: bool, adapter_name:
             layer = modules[name]
             layer.lora_A[adapter_name].weight.copy_(a)
             layer.lora_B[adapter_name].weight.copy_(b)
+            release(a), release(b)
 
 
 FUSION_BLOCK_VALUES = 2**19  # float64 values per block of output rows: 4 MiB of workspace, whatever the layer

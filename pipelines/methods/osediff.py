@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from ..loading.bases import load_sd_base
-from ..loading.files import CheckpointError, WeightsProbe
+from ..loading.files import CheckpointError, MappedPages, WeightsProbe
 from ..loading.lora import LoRAWeights, apply_lora, collect_lora_factors, replace_weights
 from ..options import TileDefaults
 from ..pipeline_onestep_sr import OneStepSRPipeline
@@ -66,8 +66,9 @@ def build(base: str | os.PathLike, probe: WeightsProbe, options: BuildOptions) -
     source = str(probe.path)
     # conv_in is retrained in full: replace the base layer first, then add its LoRA on top.
     replace_weights(components["unet"], sr.unet_replacements, source)
-    apply_lora(components["unet"], sr.unet_lora, fuse=options.fuse_lora, adapter_name=ADAPTER, source=source)
-    apply_lora(components["vae"], sr.vae_lora, fuse=options.fuse_lora, adapter_name=ADAPTER, source=source)
+    release = MappedPages(probe.path).release
+    for name, lora in (("unet", sr.unet_lora), ("vae", sr.vae_lora)):
+        apply_lora(components[name], lora, fuse=options.fuse_lora, adapter_name=ADAPTER, source=source, release=release)
     return OneStepSRPipeline(**components, timestep=TIMESTEP, method=METHOD.id)
 
 

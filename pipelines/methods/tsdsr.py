@@ -140,8 +140,10 @@ def build(base: str | os.PathLike, probe: WeightsProbe, options: BuildOptions) -
     components = load_sd3_base(base, options.base_config, options.dtype)
     for name, file in (("transformer", transformer_file), ("vae", vae_file)):
         lora = parse_tsdsr_lora(probe.state(file), file)
-        apply_lora(components[name], lora, fuse=options.fuse_lora, adapter_name=ADAPTER, source=str(file))
-        MappedPages(file).release_all(probe.state(file))  # read (fused or copied into peft layers): 0.36 GB at rank 64
+        release = MappedPages(file).release  # (the official rank-64 transformer LoRA is 0.36 GB)
+        apply_lora(
+            components[name], lora, fuse=options.fuse_lora, adapter_name=ADAPTER, source=str(file), release=release
+        )
     _check_embeddings_fit(embeds, pooled, components["transformer"], embeddings or transformer_file.parent)
     # TSD-SR: t = 1000 (sigma 1), latents scaled by 1.5305 WITHOUT the shift factor, as it was trained
     return OneStepSRSD3Pipeline(
