@@ -129,9 +129,10 @@ def test_a_cut_file_is_a_checkpoint_error(tmp_path):
         read_safetensors_private(path)
 
 
+@pytest.mark.parametrize("rank", [4, 64])
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("shape", [(96, 40, 3, 3), (70, 33)])
-def test_lora_fusion_in_row_blocks_equals_one_float64_product(shape, channels_last, monkeypatch):
+def test_lora_fusion_in_row_blocks_equals_one_float64_product(shape, channels_last, rank, monkeypatch):
     """Fusing a few output rows at a time (bounded float64 workspace) gives the whole-layer float64 result bit for
     bit, in either memory format, across uneven blocks."""
     from onestep_sr.pipelines.loading import lora
@@ -141,9 +142,9 @@ def test_lora_fusion_in_row_blocks_equals_one_float64_product(shape, channels_la
     layer = torch.nn.Conv2d(shape[1], shape[0], 3) if len(shape) == 4 else torch.nn.Linear(shape[1], shape[0])
     if channels_last and len(shape) == 4:
         layer.to(memory_format=torch.channels_last)
-    a = torch.randn(4, *shape[1:], generator=generator) * 0.05
-    b = torch.randn(shape[0], 4, *((1, 1) if len(shape) == 4 else ()), generator=generator) * 0.05
-    delta = (b.double().reshape(shape[0], -1) @ a.double().reshape(4, -1)).reshape(shape)
+    a = torch.randn(rank, *shape[1:], generator=generator) * 0.05
+    b = torch.randn(shape[0], rank, *((1, 1) if len(shape) == 4 else ()), generator=generator) * 0.05
+    delta = (b.double().reshape(shape[0], -1) @ a.double().reshape(rank, -1)).reshape(shape)
     expected = (layer.weight.detach().double() + 2.0 * delta).float()
     lora.fuse_lora_delta(layer, a, b, 2.0)
     assert torch.equal(layer.weight.detach(), expected)

