@@ -90,12 +90,12 @@ class MappedPages:
     """Where `path` is memory-mapped in this process (Linux: /proc/self/maps), to drop the pages behind a tensor read
     from that mapping out of the resident set once its values have been read or copied out.
 
-    `torch.load(mmap=True)` and safetensors keep every page read resident until the file's last tensor is freed: a
-    ResShift load held the whole file beside the model built from it (peak 2.0x the weights in fp32, 3.4x in bf16).
-    madvise(MADV_DONTNEED) on a file mapping whose pages were only read gives them back; the page cache keeps them,
-    and a later read of the tensor faults them in again from the file, unchanged (tensors read from weight files are
-    never written: a written page of a private mapping would be lost). Only whole pages inside one of this file's
-    mappings are released; elsewhere (no /proc, no madvise) this does nothing."""
+    `torch.load(..., weights_only=True, mmap=True)` and safetensors keep every page read resident until the file's
+    last tensor is freed: a ResShift load held the whole file beside the model built from it (peak 2.0x the weights
+    in fp32, 3.4x in bf16). madvise(MADV_DONTNEED) on a file mapping whose pages were only read gives them back; the
+    page cache keeps them, and a later read of the tensor faults them in again from the file, unchanged (tensors
+    read from weight files are never written: a written page of a private mapping would be lost). Only whole pages
+    inside one of this file's mappings are released; elsewhere (no /proc, no madvise) this does nothing."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)

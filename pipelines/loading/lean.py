@@ -110,13 +110,8 @@ def _fill(path: Path, pieces: list[tuple[str, torch.Tensor, torch.dtype, int]]) 
 
     threads = max(1, min(READER_THREADS, torch.get_num_threads(), len(pieces)))
     try:
-        if threads == 1:
-            for piece in pieces:
-                read(piece)
-        else:
-            with ThreadPoolExecutor(threads, thread_name_prefix="onestep-sr-read") as pool:
-                for _ in pool.map(read, pieces):
-                    pass
+        with ThreadPoolExecutor(threads, thread_name_prefix="onestep-sr-read") as pool:
+            list(pool.map(read, pieces))  # (re-raises the first reader's error here)
     finally:
         for handle in handles:
             handle.close()
