@@ -56,6 +56,7 @@ def test_pieces_read_by_several_threads_give_every_byte(tmp_path, monkeypatch, d
     path = tmp_path / "mixed.safetensors"
     save_file(state, str(path))
     monkeypatch.setattr(lean, "PIECE_BYTES", 1000)
+    monkeypatch.setattr(lean, "CAST_CHUNK", 77)  # fp16 <-> bf16 casts go through float32 in chunks: edges too
     monkeypatch.setattr(lean, "READER_THREADS", 3)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
     got = read_safetensors_private(path, dtype)
@@ -64,6 +65,21 @@ def test_pieces_read_by_several_threads_give_every_byte(tmp_path, monkeypatch, d
         want = value.to(dtype) if dtype is not None and value.is_floating_point() else value
         assert got[key].dtype == want.dtype and torch.equal(got[key], want), key
     assert read_safetensors_private(path, dtype, {"index"}).keys() == {"index"}
+
+
+@pytest.mark.parametrize("source,target", [(torch.float16, torch.bfloat16), (torch.bfloat16, torch.float16)])
+def test_half_to_half_casts_through_float32_round_as_from_float64(source, target, monkeypatch):
+    """Every bit pattern of one half type (NaNs aside) cast to the other, a chunk of float32 at a time: the value
+    that rounding the exact float64 value gives, infinities and signed zeros included."""
+    from onestep_sr.pipelines.loading import lean
+
+    monkeypatch.setattr(lean, "CAST_CHUNK", 1000)
+    values = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(source)
+    values = values[~torch.isnan(values)]
+    got = torch.empty(values.shape, dtype=target)
+    lean.cast_copy(got, values, {})
+    want = values.double().to(target)
+    assert torch.equal(got.view(torch.int16), want.view(torch.int16))
 
 
 def file_mappings(suffix: str = ".safetensors") -> list[tuple[int, int]]:

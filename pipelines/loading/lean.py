@@ -106,7 +106,7 @@ def _fill(path: Path, pieces: list[tuple[str, torch.Tensor, torch.dtype, int]]) 
                 raise CheckpointError(f"{path}: {key!r} is cut short (truncated file?)")
             done += got
         if buffer is not target:
-            target.copy_(buffer)
+            cast_copy(target, buffer, local.staging)
 
     threads = max(1, min(READER_THREADS, torch.get_num_threads(), len(pieces)))
     try:
@@ -115,6 +115,30 @@ def _fill(path: Path, pieces: list[tuple[str, torch.Tensor, torch.dtype, int]]) 
     finally:
         for handle in handles:
             handle.close()
+
+
+HALF_FLOATS = (torch.float16, torch.bfloat16)
+CAST_CHUNK = 2**20  # elements: 4 MiB of float32 scratch
+
+
+def cast_copy(target: torch.Tensor, source: torch.Tensor, scratch: dict) -> None:
+    """`target.copy_(source)`, where a cast between fp16 and bf16 (both contiguous) goes through float32 a chunk at a
+    time: torch converts between the two half types element by element (fp16 -> bf16 ran at 6 GB/s here, 10x slower
+    than fp16 -> fp32 -> bf16), and the detour is exact (fp16 widens to fp32 without rounding; the one rounding is
+    the same round-to-nearest-even). `scratch` (one thread's) keeps the float32 buffer between calls."""
+    halves = source.dtype in HALF_FLOATS and target.dtype in HALF_FLOATS and source.dtype != target.dtype
+    if not (halves and source.is_contiguous() and target.is_contiguous() and source.shape == target.shape):
+        target.copy_(source)
+        return
+    source, target = source.reshape(-1), target.view(-1)
+    wide = scratch.get("cast")
+    if wide is None:
+        wide = scratch["cast"] = torch.empty(CAST_CHUNK, dtype=torch.float32)
+    for i in range(0, source.numel(), CAST_CHUNK):
+        part = source[i : i + CAST_CHUNK]
+        widened = wide[: part.numel()]
+        widened.copy_(part)
+        target[i : i + CAST_CHUNK].copy_(widened)
 
 
 def _bytes_of(tensor: torch.Tensor) -> memoryview:
@@ -165,10 +189,11 @@ def build_with_weights(
 
     with init_empty_weights(include_buffers=False):
         model = build_from_state(build, source, what)
-    private = {}
+    private, scratch = {}, {}
     for key, value in state.items():
         copy = torch.empty(value.shape, dtype=dtype if value.is_floating_point() else value.dtype)
-        private[key] = copy.copy_(value)
+        cast_copy(copy, value, scratch)
+        private[key] = copy
         if pages is not None:
             pages.release(value)
     if pages is not None:

@@ -13,7 +13,9 @@ image must: a memory-mapped load pays its reads there), resident memory before t
 (VmHWM) and after it, the peak of private memory alone (RssAnon, sampled every millisecond: no file or library
 pages), and the loaded weights' own bytes. The `reference` rows read the same files the way the official scripts do
 (diffusers `from_pretrained` of the components, or `torch.load` + `load_state_dict`; the LoRA file read, not
-applied), without LoRA fusion or any check: the time to beat.
+applied), without LoRA fusion or any check: the time to beat. `reference-bf16` makes the same calls for bf16
+(`torch_dtype=` for diffusers models, `.to()` after `load_state_dict` for the .pth ones): the official way to the
+dtype that `dtype="auto"` picks on a CPU with fast bf16 or on a GPU.
 """
 
 from __future__ import annotations
@@ -176,9 +178,14 @@ def load_row(family: str, config: str, folder: Path) -> dict:
 
     torch.set_num_threads(os.cpu_count() or 1)
     files = write_tsdsr_files(folder) if family == "tsdsr" else write_files(folder)
-    named = {"reference": torch.float32, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-    dtype = named[config] if config in named else resolve_dtype("auto", torch.device("cpu"))
-    if config == "reference":
+    named = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    reference, _, reference_dtype = config.partition("-")
+    reference = reference == "reference"
+    if reference:  # "reference" in fp32, "reference-bf16": the same official calls asked for that dtype
+        dtype = named[reference_dtype or "fp32"]
+    else:
+        dtype = named[config] if config in named else resolve_dtype("auto", torch.device("cpu"))
+    if reference:
         import diffusers  # noqa: F401  (imports paid before the clock starts, as for the other rows)
         from diffusers import AutoencoderKL, UNet2DConditionModel
         from transformers import CLIPTextModel
@@ -186,15 +193,15 @@ def load_row(family: str, config: str, folder: Path) -> dict:
     reset_peak_rss()
     private_peak = PeakSampler("RssAnon")
     start = time.perf_counter()
-    if config == "reference" and family == "osediff":
+    if reference and family == "osediff":
         base = files["sd21"]
         modules = [
-            UNet2DConditionModel.from_pretrained(base, subfolder="unet"),
-            AutoencoderKL.from_pretrained(base, subfolder="vae"),
-            CLIPTextModel.from_pretrained(base, subfolder="text_encoder"),
+            UNet2DConditionModel.from_pretrained(base, subfolder="unet", torch_dtype=dtype),
+            AutoencoderKL.from_pretrained(base, subfolder="vae", torch_dtype=dtype),
+            CLIPTextModel.from_pretrained(base, subfolder="text_encoder", torch_dtype=dtype),
         ]
         torch.load(files["osediff"], weights_only=True)  # the LoRA, read (the official script then wraps it)
-    elif config == "reference" and family == "tsdsr":
+    elif reference and family == "tsdsr":
         from diffusers import SD3Transformer2DModel
         from safetensors.torch import load_file
 
@@ -205,7 +212,7 @@ def load_row(family: str, config: str, folder: Path) -> dict:
         ]
         for name in ("transformer", "vae"):  # the LoRA, read (the official script then wraps it)
             load_file(files["tsdsr"] / f"{name}.safetensors")
-    elif config == "reference":
+    elif reference:
         from diffusers import VQModel
 
         from onestep_sr import ResShiftUNet
@@ -215,7 +222,7 @@ def load_row(family: str, config: str, folder: Path) -> dict:
         unet.load_state_dict(torch.load(files["tadsr"], weights_only=True)["state_dict"], strict=False)
         vq = VQModel(**RESSHIFT_VQ_F4_CONFIG)
         vq.load_state_dict(vq_state_from_ldm(torch.load(files["vq"], weights_only=True), 3), strict=False)
-        modules = [unet, vq]
+        modules = [unet.to(dtype), vq.to(dtype)]  # (the official scripts' half-precision recipe casts the models)
     else:
         base, weights = {
             "osediff": (files.get("sd21"), files.get("osediff")),
@@ -256,10 +263,20 @@ def main() -> int:
     )
     parser.add_argument(
         "--configs",
-        default="reference,fp32,bf16,default",
-        help="reference (the official scripts' way), fp32, bf16, fp16, default (dtype='auto': its pick on this CPU)",
+        default="reference,fp32,reference-bf16,bf16,default",
+        help="reference (the official scripts' way, fp32), reference-bf16 / reference-fp16 (the same calls asked for "
+        "that dtype: torch_dtype=, or .to() after load_state_dict), fp32, bf16, fp16, default (dtype='auto': its "
+        "pick on this CPU)",
     )
     parser.add_argument("--repeats", type=int, default=2, help="each row this many times, interleaved")
+    parser.add_argument(
+        "--settle",
+        type=float,
+        default=0.0,
+        help="seconds to wait before each row: on a virtual machine whose balloon reports free pages to the host, "
+        "memory the previous row freed is cheap to fill again for a few seconds, then costly; 12 puts every row in "
+        "the same (cold) state",
+    )
     parser.add_argument("--out", type=Path, default=Path("bench_out"))
     parser.add_argument("--_row", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -273,19 +290,20 @@ def main() -> int:
     for _ in range(args.repeats):
         for family in [f for f in args.families.split(",") if f]:
             for config in [c for c in args.configs.split(",") if c]:
+                time.sleep(args.settle)
                 row = row_in_subprocess(__file__, family, config, str(args.dir))
                 row = row or {"family": family, "config": config, "error": "failed (its error is printed above)"}
                 rows.append(row)
                 print(json.dumps(row), file=sys.stderr, flush=True)
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"
     print(f"\nLoading, full-size files with random weights ({machine}); over-weights = (RSS - RSS before) / weights")
-    print(f"{'family':9} {'config':10} {'dtype':>9} {'load':>7} {'ready':>7} {'weights':>8} {'peak':>7} {'after':>7} "
+    print(f"{'family':9} {'config':14} {'dtype':>9} {'load':>7} {'ready':>7} {'weights':>8} {'peak':>7} {'after':>7} "
           f"{'peak/w':>7} {'private/w':>9} {'after/w':>8}")  # fmt: skip
     for r in rows:
         if "error" in r:
-            print(f"{r['family']:9} {r['config']:10} failed: {r['error']}")
+            print(f"{r['family']:9} {r['config']:14} failed: {r['error']}")
             continue
-        print(f"{r['family']:9} {r['config']:10} {r['dtype']:>9} {r['load_s']:>6.1f}s {r['ready_s']:>6.1f}s "
+        print(f"{r['family']:9} {r['config']:14} {r['dtype']:>9} {r['load_s']:>6.1f}s {r['ready_s']:>6.1f}s "
               f"{r['weights_gib']:>7.2f}G "
               f"{r['peak_gib']:>6.2f}G {r['after_gib']:>6.2f}G {r['peak_over_weights']:>7.2f} "
               f"{r['private_peak_over_weights']:>9.2f} {r['after_over_weights']:>8.2f}")  # fmt: skip
