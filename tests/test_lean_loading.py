@@ -17,7 +17,7 @@ from onestep_sr.pipelines.loading.files import CheckpointError
 from onestep_sr.pipelines.loading.lean import lean_load, read_safetensors_private
 from onestep_sr.pipelines.loading.validation import component_weight_files, load_component
 
-from helpers import OSEDIFF_PARITY
+from helpers import OSEDIFF_PARITY, TADSR_PARITY, TSDSR_PARITY
 
 TINY_SD21 = OSEDIFF_PARITY / "tiny-sd21"
 COMPONENTS = {"unet": UNet2DConditionModel, "vae": AutoencoderKL}
@@ -266,8 +266,6 @@ def test_resshift_family_loads_one_copy_in_the_target_dtype(dtype):
     as the official float32 state cast once, buffers included, and nothing left in the .pth mappings."""
     from onestep_sr.pipelines.loading.bases import vq_state_from_ldm
 
-    from helpers import TADSR_PARITY
-
     vq_path, unet_path = (TADSR_PARITY / "models" / n for n in ("autoencoder_vq_f4_tiny_A.pth", "tadsr_tiny_A.pth"))
     pipe = load_pipeline(vq_path, unet_path, dtype=dtype)
     official = torch.load(unet_path, weights_only=True)
@@ -281,3 +279,39 @@ def test_resshift_family_loads_one_copy_in_the_target_dtype(dtype):
     mapped = file_mappings(".pth")
     tensors = [t for m in (pipe.unet, pipe.vae) for t in (*m.parameters(), *m.buffers())]
     assert not [t.shape for t in tensors if any(low <= t.data_ptr() < high for low, high in mapped)]
+
+
+LOADS = {
+    "osediff": lambda: (TINY_SD21, OSEDIFF_PARITY / "osediff_tiny.pkl", {}),
+    "tsdsr": lambda: (TSDSR_PARITY / "tiny-sd3", TSDSR_PARITY / "lora", {"embeddings": TSDSR_PARITY / "embeddings"}),
+    "resshift": lambda: (
+        TADSR_PARITY / "models" / "autoencoder_vq_f4_tiny_A.pth",
+        TADSR_PARITY / "models" / "tadsr_tiny_A.pth",
+        {},
+    ),
+}
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("family", sorted(LOADS))
+def test_loads_under_inference_mode_as_comfyui_runs_nodes(family, dtype, monkeypatch):
+    """ComfyUI executes nodes under `torch.inference_mode()`: tensors made there are inference tensors, which a
+    thread outside inference mode may not write in place (the reader threads did, where they cast). The load
+    gives the same weights as outside it, read by several threads in small pieces."""
+    from onestep_sr.pipelines.loading import lean
+
+    monkeypatch.setattr(lean, "PIECE_BYTES", 4096)
+    monkeypatch.setattr(lean, "READER_THREADS", 3)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
+    base, weights, kwargs = LOADS[family]()
+    with torch.inference_mode():
+        inside = load_pipeline(base, weights, dtype=dtype, **kwargs)
+    outside = load_pipeline(base, weights, dtype=dtype, **kwargs)
+    for name in ("unet", "transformer", "vae"):
+        module = getattr(inside, name, None)
+        if module is None:
+            continue
+        got, want = module.state_dict(), getattr(outside, name).state_dict()
+        assert got.keys() == want.keys()
+        assert all(torch.equal(got[k], want[k]) for k in want), name
+        assert all(p.is_inference() for p in module.parameters())

@@ -83,11 +83,17 @@ def _fill(path: Path, pieces: list[tuple[str, torch.Tensor, torch.dtype, int]]) 
     stayed on glibc's heap and made a bf16 load peak at 1.5x its weights). Threads, because a load is bound by the
     page faults of the fresh memory it fills, not by the disk or the page cache: two readers filled a full-size
     SD2.1 folder (4.8 GB) in 1.4 s against 3.5 s for one, on 2 cores. Each thread reads through a file handle of
-    its own (seek + readinto, which releases the GIL; no `os.pread` on Windows)."""
+    its own (seek + readinto, which releases the GIL; no `os.pread` on Windows). Grad and inference modes are
+    per thread: the readers take the caller's, since targets made under `torch.inference_mode()` (ComfyUI runs
+    nodes so) are inference tensors that only an inference-mode thread may update in place."""
     local, handles = threading.local(), []
+    inference = torch.is_inference_mode_enabled()
 
     def read(piece: tuple[str, torch.Tensor, torch.dtype, int]) -> None:
-        key, target, stored, offset = piece
+        with torch.inference_mode(inference):
+            read_piece(*piece)
+
+    def read_piece(key: str, target: torch.Tensor, stored: torch.dtype, offset: int) -> None:
         if not hasattr(local, "file"):
             local.file, local.staging = open(path, "rb", buffering=0), {}  # noqa: SIM115 (closed below)
             handles.append(local.file)
