@@ -15,7 +15,10 @@ pages), and the loaded weights' own bytes. The `reference` rows read the same fi
 (diffusers `from_pretrained` of the components, or `torch.load` + `load_state_dict`; the LoRA file read, not
 applied), without LoRA fusion or any check: the time to beat. `reference-bf16` makes the same calls for bf16
 (`torch_dtype=` for diffusers models, `.to()` after `load_state_dict` for the .pth ones): the official way to the
-dtype that `dtype="auto"` picks on a CPU with fast bf16 or on a GPU.
+dtype that `dtype="auto"` picks on a CPU with fast bf16 or on a GPU. `official` / `official-bf16` re-enact the
+official inference scripts' whole build for OSEDiff and TSD-SR (fp32 `from_pretrained`, peft adapters with the released
+LoRA config, the factors copied in, unmerged as by default, then `.to(dtype)`: their half-precision recipe, here in
+bf16): what a user of the official code waits for; for the ResShift family that is the reference row.
 """
 
 from __future__ import annotations
@@ -170,7 +173,92 @@ class PeakSampler:
         return max(self.peak, status_gib(self.field))
 
 
-def load_row(family: str, config: str, folder: Path) -> dict:
+def official_build(family: str, files: dict[str, Path], dtype) -> list:
+    """The official inference scripts' build, re-enacted from their documented steps (../shared/docs): fp32
+    `from_pretrained`, peft adapters added with the released LoRA config, the file's factors copied into them
+    (unmerged, the scripts' default), then the models cast to the inference dtype (their half-precision recipe)."""
+    import torch
+    from diffusers import AutoencoderKL
+    from peft import LoraConfig
+
+    if family == "osediff":
+        from diffusers import UNet2DConditionModel
+        from transformers import CLIPTextModel
+
+        base = files["sd21"]
+        unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet")
+        vae = AutoencoderKL.from_pretrained(base, subfolder="vae")
+        text_encoder = CLIPTextModel.from_pretrained(base, subfolder="text_encoder")
+        ckpt = torch.load(files["osediff"], weights_only=True)
+        adapters = {"default_encoder": "encoder", "default_decoder": "decoder", "default_others": "others"}
+        for adapter, part in adapters.items():
+            targets = ckpt[f"unet_lora_{part}_modules"]
+            unet.add_adapter(
+                LoraConfig(r=ckpt["rank_unet"], init_lora_weights="gaussian", target_modules=targets), adapter
+            )
+        targets = ckpt["vae_lora_encoder_modules"]
+        vae.add_adapter(
+            LoraConfig(r=ckpt["rank_vae"], init_lora_weights="gaussian", target_modules=targets), "default_encoder"
+        )
+        for model, state in ((unet, ckpt["state_dict_unet"]), (vae, ckpt["state_dict_vae"])):
+            params = dict(model.named_parameters())
+            assert set(state) <= set(params), "the official build left LoRA factors out"
+            for name, value in state.items():
+                params[name].data.copy_(value)
+        unet.set_adapter(list(adapters))
+        vae.set_adapter(["default_encoder"])
+        models = [unet, vae, text_encoder]
+    else:
+        from diffusers import SD3Transformer2DModel
+        from safetensors.torch import load_file
+
+        base = files["sd3"]
+        models = [
+            SD3Transformer2DModel.from_pretrained(base, subfolder="transformer"),
+            AutoencoderKL.from_pretrained(base, subfolder="vae"),
+        ]
+        for model, name in zip(models, ("transformer", "vae")):
+            state = load_file(files["tsdsr"] / f"{name}.safetensors")
+            rank = next(v.shape[0] for k, v in state.items() if k.endswith("lora_A.weight"))
+            targets = (
+                list(TSDSR_TARGETS)
+                if name == "transformer"
+                else sorted(
+                    {k.removeprefix("transformer.").removesuffix(".lora_A.weight") for k in state if "lora_A" in k}
+                )
+            )
+            model.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=targets))
+            for n, param in model.named_parameters():
+                if "default" in n:
+                    param.data.copy_(state.pop("transformer." + n.replace(".default", "")))
+            assert not state, "the official build left LoRA factors out"
+    return [m.to(dtype) for m in models]
+
+
+def official_osediff_image(models: list, lq):
+    """The official OSEDiff forward on a loaded official build, as documented (../shared/docs/methods-osediff.md
+    1.3): bicubic 4x, text embedding of the empty prompt, VAE encode, one UNet step at t = 999, x0 from the DDPM
+    formula, decode, AdaIN colour fix. (The official script samples the posterior; its mean costs the same.)"""
+    import torch
+    import torch.nn.functional as F
+
+    unet, vae, text_encoder = models
+    dtype = unet.dtype
+    with torch.no_grad():
+        up = F.interpolate(lq[None], scale_factor=4, mode="bicubic").clamp(0, 1)
+        config = text_encoder.config  # the empty prompt: start, end, padding (ids kept inside a tiny test vocabulary)
+        ids = torch.tensor([[config.bos_token_id, config.eos_token_id] + [0] * 75]) % config.vocab_size
+        prompt = text_encoder(ids)[0]
+        z = vae.encode((up * 2 - 1).to(dtype)).latent_dist.mode() * 0.18215
+        eps = unet(z, 999, encoder_hidden_states=prompt).sample
+        alpha = (torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2).neg().add(1).prod()
+        x0 = (z - (1 - alpha) ** 0.5 * eps) / alpha**0.5
+        out = (vae.decode(x0 / 0.18215).sample.float().clamp(-1, 1) + 1) / 2
+        mean, std = out.mean((2, 3), keepdim=True), out.std((2, 3), keepdim=True)
+        return (out - mean) / std * up.std((2, 3), keepdim=True) + up.mean((2, 3), keepdim=True)
+
+
+def load_row(family: str, config: str, folder: Path, first_image: bool = False) -> dict:
     import torch
 
     from onestep_sr import load_pipeline
@@ -180,7 +268,8 @@ def load_row(family: str, config: str, folder: Path) -> dict:
     files = write_tsdsr_files(folder) if family == "tsdsr" else write_files(folder)
     named = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
     reference, _, reference_dtype = config.partition("-")
-    reference = reference == "reference"
+    official = reference == "official"
+    reference = reference in ("reference", "official")
     if reference:  # "reference" in fp32, "reference-bf16": the same official calls asked for that dtype
         dtype = named[reference_dtype or "fp32"]
     else:
@@ -193,7 +282,9 @@ def load_row(family: str, config: str, folder: Path) -> dict:
     reset_peak_rss()
     private_peak = PeakSampler("RssAnon")
     start = time.perf_counter()
-    if reference and family == "osediff":
+    if official and family != "resshift":
+        modules = official_build(family, files, dtype)
+    elif reference and family == "osediff":
         base = files["sd21"]
         modules = [
             UNet2DConditionModel.from_pretrained(base, subfolder="unet", torch_dtype=dtype),
@@ -239,7 +330,19 @@ def load_row(family: str, config: str, folder: Path) -> dict:
     private = private_peak.stop()
     weights = weights_gib(modules)
     peak, after = peak_rss_gib(), status_gib("VmRSS")
+    first_image_s = None
+    if first_image and family == "osediff" and (official or not reference):
+        y, x = torch.meshgrid(torch.linspace(0, 6, 128), torch.linspace(0, 6, 128), indexing="ij")
+        lq = torch.stack([torch.sin(x) * 0.4 + 0.5, torch.cos(y) * 0.4 + 0.5, torch.sin(x + y) * 0.2 + 0.5])
+        if official:
+            image = official_osediff_image(modules, lq)
+        else:
+            pipe.set_progress_bar_config(disable=True)
+            image = pipe(lq, upscale=4, output_type="pt").images
+        assert image.shape[-1] == 512 and torch.isfinite(image).all()
+        first_image_s = round(time.perf_counter() - start, 2)
     return {
+        "first_image_s": first_image_s,
         "family": family,
         "config": config,
         "dtype": str(dtype).replace("torch.", ""),
@@ -255,6 +358,10 @@ def load_row(family: str, config: str, folder: Path) -> dict:
     }
 
 
+def first_image_column(row: dict) -> str:
+    return "" if row.get("first_image_s") is None else f"{row['first_image_s']:.1f}s"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dir", type=Path, default=Path("bench_out/loading_files"), help="where the files go")
@@ -265,8 +372,9 @@ def main() -> int:
         "--configs",
         default="reference,fp32,reference-bf16,bf16,default",
         help="reference (the official scripts' way, fp32), reference-bf16 / reference-fp16 (the same calls asked for "
-        "that dtype: torch_dtype=, or .to() after load_state_dict), fp32, bf16, fp16, default (dtype='auto': its "
-        "pick on this CPU)",
+        "that dtype: torch_dtype=, or .to() after load_state_dict), official / official-bf16 (the official scripts' "
+        "whole build: adapters added and filled, then cast), fp32, bf16, fp16, default (dtype='auto': its pick on "
+        "this CPU)",
     )
     parser.add_argument("--repeats", type=int, default=2, help="each row this many times, interleaved")
     parser.add_argument(
@@ -278,10 +386,15 @@ def main() -> int:
         "the same (cold) state",
     )
     parser.add_argument("--out", type=Path, default=Path("bench_out"))
-    parser.add_argument("--_row", nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--first-image",
+        action="store_true",
+        help="OSEDiff rows (ours, official): also the time from the start of the load to the first 128 -> 512 image",
+    )
+    parser.add_argument("--_row", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args._row:
-        print(json.dumps(load_row(args._row[0], args._row[1], Path(args._row[2]))))
+        print(json.dumps(load_row(args._row[0], args._row[1], Path(args._row[2]), args._row[3] == "1")))
         return 0
     write_files(args.dir)  # once, before any timing
     if "tsdsr" in args.families.split(","):
@@ -291,14 +404,14 @@ def main() -> int:
         for family in [f for f in args.families.split(",") if f]:
             for config in [c for c in args.configs.split(",") if c]:
                 time.sleep(args.settle)
-                row = row_in_subprocess(__file__, family, config, str(args.dir))
+                row = row_in_subprocess(__file__, family, config, str(args.dir), str(int(args.first_image)))
                 row = row or {"family": family, "config": config, "error": "failed (its error is printed above)"}
                 rows.append(row)
                 print(json.dumps(row), file=sys.stderr, flush=True)
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"
     print(f"\nLoading, full-size files with random weights ({machine}); over-weights = (RSS - RSS before) / weights")
     print(f"{'family':9} {'config':14} {'dtype':>9} {'load':>7} {'ready':>7} {'weights':>8} {'peak':>7} {'after':>7} "
-          f"{'peak/w':>7} {'private/w':>9} {'after/w':>8}")  # fmt: skip
+          f"{'peak/w':>7} {'private/w':>9} {'after/w':>8} {'first image':>12}")  # fmt: skip
     for r in rows:
         if "error" in r:
             print(f"{r['family']:9} {r['config']:14} failed: {r['error']}")
@@ -306,7 +419,8 @@ def main() -> int:
         print(f"{r['family']:9} {r['config']:14} {r['dtype']:>9} {r['load_s']:>6.1f}s {r['ready_s']:>6.1f}s "
               f"{r['weights_gib']:>7.2f}G "
               f"{r['peak_gib']:>6.2f}G {r['after_gib']:>6.2f}G {r['peak_over_weights']:>7.2f} "
-              f"{r['private_peak_over_weights']:>9.2f} {r['after_over_weights']:>8.2f}")  # fmt: skip
+              f"{r['private_peak_over_weights']:>9.2f} {r['after_over_weights']:>8.2f} "
+              f"{first_image_column(r):>12}")  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "benchmark_loading.json").write_text(json.dumps({"machine": machine, "rows": rows}, indent=1))
     return 0
