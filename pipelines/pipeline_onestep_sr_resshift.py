@@ -172,6 +172,12 @@ class OneStepSRResShiftPipeline(OneStepSRBase):
         """Upstream indexes the float64 table and casts to float32 before using a coefficient."""
         return float(np.float32(values[t]))
 
+    def input_norm(self, t: int) -> torch.Tensor:
+        """sqrt(kappa^2 eta_t + 1), the UNet input's divisor, as upstream computes it: eta_t rounded to float32, then
+        float32 arithmetic and sqrt."""
+        eta32 = torch.tensor(self.sqrt_etas[t] ** 2, dtype=torch.float64).float()
+        return torch.sqrt(eta32 * self.config.kappa**2 + 1)
+
     @property
     def timesteps(self) -> list[int]:
         last = self.config.num_train_steps - 1
@@ -248,8 +254,7 @@ class OneStepSRResShiftPipeline(OneStepSRBase):
         log_variance = np.log(np.concatenate([[variance[1]], variance[1:]]))
         x = latents.float()
         for t in self.timesteps:
-            eta32 = torch.tensor(etas[t], dtype=torch.float64).float()
-            x_in = x / torch.sqrt(eta32 * kappa**2 + 1)
+            x_in = x / self.input_norm(t)
             x0 = self._predict_x0(x_in, t, cond.image, plan, on_tile)
             noise = self.randn(x.shape, generator)  # drawn every step, also where unused (upstream's RNG stream)
             if self.config.num_inference_steps == 1:

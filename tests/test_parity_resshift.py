@@ -13,6 +13,7 @@ allowed 2e-3 per flip. Every sensitivity row moves the output by >= 0.05 on aver
 import functools
 import json
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -94,7 +95,7 @@ def assert_output_matches(out: torch.Tensor, case: Case, flipped: torch.Tensor) 
     assert diff[keep].max().item() <= limit, f"{case.name}: {diff[keep].max().item():.3g} > {limit}"
 
 
-def test_schedule_matches_the_official_table():
+def test_schedule_matches_the_official_table(pipe):
     table = json.loads((TADSR_PARITY / "eta_schedule.json").read_text())
     ours = sqrt_eta_schedule(15, 0.04, 2.0, 0.99, 0.3, clamp_start=True)
     assert max(abs(a - b) for a, b in zip(ours, table["float64"]["sqrt_etas"])) < 1e-7
@@ -107,7 +108,8 @@ def test_schedule_matches_the_official_table():
     # within one ulp of the exact float64 root.
     exact = torch.sqrt(etas32.double() * 4.0 + 1)
     ulp = torch.finfo(torch.float32).eps * exact
-    norm = torch.sqrt(etas32 * 4.0 + 1)  # denoise's expression, kappa = 2
+    assert pipe.config.kappa == 2.0 and np.array_equal(pipe.sqrt_etas, ours)  # the tiny TAD-SR: the same schedule
+    norm = torch.stack([pipe.input_norm(t) for t in range(len(ours))])
     assert ((norm.double() - exact).abs() <= ulp).all()
     assert ((torch.tensor(runtime["norm_factor"]).double() - exact).abs() <= ulp).all()
     for name in multi_step_cases():

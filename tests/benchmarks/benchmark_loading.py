@@ -31,7 +31,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmark_tiling import peak_rss_gib, status_gib  # (this folder is on sys.path when the script runs)
+from benchmark_tiling import peak_rss_gib, smooth_lq, status_gib  # (this folder is on sys.path when the script runs)
 from benchmark_training import reset_peak_rss, row_in_subprocess
 
 GIB = 2**30
@@ -220,13 +220,9 @@ def official_build(family: str, files: dict[str, Path], dtype) -> list:
         for model, name in zip(models, ("transformer", "vae")):
             state = load_file(files["tsdsr"] / f"{name}.safetensors")
             rank = next(v.shape[0] for k, v in state.items() if k.endswith("lora_A.weight"))
-            targets = (
-                list(TSDSR_TARGETS)
-                if name == "transformer"
-                else sorted(
-                    {k.removeprefix("transformer.").removesuffix(".lora_A.weight") for k in state if "lora_A" in k}
-                )
-            )
+            # the transformer's official targets; the VAE's are the layers the file holds factors for
+            factored = {k.removeprefix("transformer.").removesuffix(".lora_A.weight") for k in state if "lora_A" in k}
+            targets = list(TSDSR_TARGETS) if name == "transformer" else sorted(factored)
             model.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=targets))
             for n, param in model.named_parameters():
                 if "default" in n:
@@ -332,8 +328,7 @@ def load_row(family: str, config: str, folder: Path, first_image: bool = False) 
     peak, after = peak_rss_gib(), status_gib("VmRSS")
     first_image_s = None
     if first_image and family == "osediff" and (official or not reference):
-        y, x = torch.meshgrid(torch.linspace(0, 6, 128), torch.linspace(0, 6, 128), indexing="ij")
-        lq = torch.stack([torch.sin(x) * 0.4 + 0.5, torch.cos(y) * 0.4 + 0.5, torch.sin(x + y) * 0.2 + 0.5])
+        lq = smooth_lq(128)
         if official:
             image = official_osediff_image(modules, lq)
         else:
@@ -342,7 +337,6 @@ def load_row(family: str, config: str, folder: Path, first_image: bool = False) 
         assert image.shape[-1] == 512 and torch.isfinite(image).all()
         first_image_s = round(time.perf_counter() - start, 2)
     return {
-        "first_image_s": first_image_s,
         "family": family,
         "config": config,
         "dtype": str(dtype).replace("torch.", ""),
@@ -355,6 +349,7 @@ def load_row(family: str, config: str, folder: Path, first_image: bool = False) 
         "peak_over_weights": round((peak - before) / weights, 3),
         "private_peak_over_weights": round((private - private_before) / weights, 3),
         "after_over_weights": round((after - before) / weights, 3),
+        "first_image_s": first_image_s,
     }
 
 

@@ -44,6 +44,14 @@ def status_gib(field: str) -> float:
     return float("nan")
 
 
+def smooth_lq(side: int):
+    """A smooth 3 x side x side test image in [0, 1] (sines): the benchmarks' LQ input."""
+    import torch
+
+    y, x = torch.meshgrid(torch.linspace(0, 6, side), torch.linspace(0, 6, side), indexing="ij")
+    return torch.stack([torch.sin(x) * 0.4 + 0.5, torch.cos(y) * 0.4 + 0.5, torch.sin(x + y) * 0.2 + 0.5])
+
+
 def build_pipeline(dtype, baseline: bool):
     import torch
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
@@ -86,8 +94,7 @@ def run_config(config: str, out_side: int) -> dict:
     else:
         tiling = pipe.plan_tiling(latent_hw, "auto", 32, 1, "auto", "gaussian")
     g = torch.Generator().manual_seed(1)
-    y, x = torch.meshgrid(torch.linspace(0, 6, lq_side), torch.linspace(0, 6, lq_side), indexing="ij")
-    lq = torch.stack([torch.sin(x) * 0.4 + 0.5, torch.cos(y) * 0.4 + 0.5, torch.sin(x + y) * 0.2 + 0.5])[None]
+    lq = smooth_lq(lq_side)[None]
     lq = (lq + 0.02 * torch.randn(lq.shape, generator=g)).clamp(0, 1)
     cond = Conditioning(torch.randn(1, 77, 1024, generator=g).to(dtype))
     with torch.no_grad():
@@ -177,8 +184,7 @@ def run_resshift(config: str, lq_side: int) -> dict:
                 layer.set_processor(AttnProcessor2_0())
     pipe.set_progress_bar_config(disable=True)
     rss_models = peak_rss_gib()
-    y, x = torch.meshgrid(torch.linspace(0, 6, lq_side), torch.linspace(0, 6, lq_side), indexing="ij")
-    lq = torch.stack([torch.sin(x) * 0.4 + 0.5, torch.cos(y) * 0.4 + 0.5, torch.sin(x + y) * 0.2 + 0.5])
+    lq = smooth_lq(lq_side)
     tiling = {} if config == "default" else {"tile_size": None, "vae_tile_size": None}
     plan = pipe.plan_tiling((lq_side, lq_side), **tiling)
     stamps = []
